@@ -1,0 +1,265 @@
+"""The CUB-200-2011 folder layout as a map-style dataset with landmarks and optional part masks.
+
+Wah et al., "The Caltech-UCSD Birds-200-2011 Dataset", CNS-TR-2011-001. The generated datasets of
+:mod:`icnn_compress.data.generate` and :mod:`icnn_compress.data.fashion` use the same layout, plus an
+optional ``parts/part_masks.txt`` (``<image_id> <part_id> <mask.png relative to the root>``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.models import VGG16_Weights
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from icnn_compress.data._layout import ANNOTATION_FILES, PART_MASKS_FILE
+from icnn_compress.errors import DatasetError
+
+_IMAGENET_TRANSFORMS = VGG16_Weights.IMAGENET1K_V1.transforms()
+IMAGENET_MEAN: tuple[float, ...] = tuple(_IMAGENET_TRANSFORMS.mean)
+IMAGENET_STD: tuple[float, ...] = tuple(_IMAGENET_TRANSFORMS.std)
+
+_SPLITS = ("train", "test", "all")
+_HOW_TO_MAKE = "generate one with `icnn make-dataset parts --out DIR`"
+
+
+def _read_table(path: Path, columns: Sequence[type], *, rest: bool = False) -> list[tuple]:
+    """Parse a whitespace-separated annotation file; ``rest`` keeps the last column's spaces (part names)."""
+    rows: list[tuple] = []
+    n = len(columns)
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            fields = line.split(maxsplit=n - 1) if rest else line.split()
+            if len(fields) != n or (rest and not fields[-1].strip()):
+                raise DatasetError(
+                    f"{path}:{lineno}: expected {n} fields, got {len(fields)} in line {line.rstrip()!r}"
+                )
+            try:
+                rows.append(tuple(kind(f.strip()) for kind, f in zip(columns, fields, strict=True)))
+            except ValueError as err:
+                raise DatasetError(f"{path}:{lineno}: cannot parse line {line.rstrip()!r}: {err}") from err
+    return rows
+
+
+def _by_id(rows: list[tuple], path: Path) -> dict:
+    out: dict = {}
+    for row in rows:
+        if row[0] in out:
+            raise DatasetError(f"{path}: id {row[0]} appears twice")
+        out[row[0]] = row[1:] if len(row) > 2 else row[1]
+    return out
+
+
+def _need(table: dict, image_id: int, path: Path) -> object:
+    try:
+        return table[image_id]
+    except KeyError:
+        raise DatasetError(f"{path}: no line for image id {image_id} (listed in images.txt)") from None
+
+
+class CubDataset(torch.utils.data.Dataset):
+    """Return samples of a CUB-200-2011 folder as dicts of tensors, cropped to the box and resized to S×S.
+
+    Each sample holds ``image`` float32 (3, S, S) normalised by ``mean``/``std``; ``label`` int64 (0-based);
+    ``landmarks`` float32 (K, 2) as (x, y) in the frame of the returned image, where the image spans the
+    continuous square [0, S]² (an original x maps to (x - box_x0) * S / box_w); ``visible`` bool (K,),
+    False for parts not annotated as visible or outside the crop, whose coordinates are set to 0;
+    ``index`` int64, the position in this dataset; and ``part_masks`` bool (K, S, S), mask k of landmark k
+    (all False where the image has no mask for it), only when the folder has ``parts/part_masks.txt``.
+
+    The box is widened to whole pixels (floor of the corner, ceil of the far corner, clipped to the image)
+    before cropping, and the landmarks use that same box, so the two stay consistent.
+
+    Args:
+        root: the folder that holds ``images.txt`` and ``images/``.
+        split: ``"train"``, ``"test"`` or ``"all"`` (from ``train_test_split.txt``).
+        image_size: S, the side of the returned square images.
+        crop_to_box: crop to the bounding box (as the paper does for CUB) before resizing; else use the
+            whole image.
+        mean, std: per-channel normalisation of images scaled to [0, 1].
+        landmarks: the part names to keep, in this order; None keeps all parts of ``parts/parts.txt``.
+        limit: keep only the first ``limit`` images of the split.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        split: str = "train",
+        image_size: int = 224,
+        crop_to_box: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        landmarks: Sequence[str] | None = None,
+        limit: int | None = None,
+    ) -> None:
+        if split not in _SPLITS:
+            raise DatasetError(f"split must be one of {_SPLITS}, got {split!r}")
+        if image_size < 1:
+            raise DatasetError(f"image_size must be positive, got {image_size}")
+        self.root = Path(root).expanduser()
+        self.image_size = image_size
+        self.crop_to_box = crop_to_box
+        self.mean = list(mean)
+        self.std = list(std)
+        if not self.root.is_dir():
+            raise DatasetError(
+                f"{self.root} does not exist or is not a folder; expected a CUB-200-2011 folder there "
+                f"(images.txt, images/, parts/ ...); {_HOW_TO_MAKE}"
+            )
+        for name in ANNOTATION_FILES:
+            if not (self.root / name).is_file():
+                raise DatasetError(
+                    f"{self.root} is not a CUB-200-2011 folder: missing {name}; {_HOW_TO_MAKE}"
+                )
+
+        def path(name: str) -> Path:
+            return self.root / name
+
+        images = _by_id(_read_table(path("images.txt"), (int, str)), path("images.txt"))
+        labels = _by_id(_read_table(path("image_class_labels.txt"), (int, int)), path("image_class_labels.txt"))
+        is_train = _by_id(_read_table(path("train_test_split.txt"), (int, int)), path("train_test_split.txt"))
+        boxes = _by_id(
+            _read_table(path("bounding_boxes.txt"), (int, float, float, float, float)), path("bounding_boxes.txt")
+        )
+        class_rows = _read_table(path("classes.txt"), (int, str), rest=True)
+        part_rows = _read_table(path("parts/parts.txt"), (int, str), rest=True)
+
+        class_ids = [c for c, _ in class_rows]
+        if class_ids != list(range(1, len(class_ids) + 1)):
+            raise DatasetError(f"{path('classes.txt')}: class ids must be 1, 2, ... in order, got {class_ids[:10]}")
+        # CUB names look like "001.Black_footed_Albatross"; the number is the class id again.
+        self.classes: list[str] = [n.split(".", 1)[1] if n[:3].isdigit() and "." in n else n for _, n in class_rows]
+
+        all_parts = {name: pid for pid, name in part_rows}
+        if landmarks is None:
+            self.landmark_names: list[str] = [name for _, name in part_rows]
+        else:
+            unknown = [n for n in landmarks if n not in all_parts]
+            if unknown:
+                raise DatasetError(
+                    f"{path('parts/parts.txt')} has no part named {unknown}; the parts are {list(all_parts)}"
+                )
+            self.landmark_names = list(landmarks)
+        part_index = {all_parts[n]: k for k, n in enumerate(self.landmark_names)}  # part id -> k
+
+        # Keep the split, in image-id order.
+        want = {"train": (1,), "test": (0,), "all": (0, 1)}[split]
+        ids = []
+        for image_id in sorted(images):
+            flag = _need(is_train, image_id, path("train_test_split.txt"))
+            if flag not in (0, 1):
+                raise DatasetError(f"{path('train_test_split.txt')}: image {image_id} has flag {flag}, expected 0 or 1")
+            if flag in want:
+                ids.append(image_id)
+        if limit is not None:
+            ids = ids[:limit]
+        row_of = {image_id: i for i, image_id in enumerate(ids)}
+        n, k = len(ids), len(self.landmark_names)
+
+        self.image_ids: list[int] = ids
+        self.image_paths: list[Path] = [self.root / "images" / images[i] for i in ids]
+        label_list = []
+        for i in ids:
+            c = _need(labels, i, path("image_class_labels.txt"))
+            if not 1 <= c <= len(self.classes):
+                raise DatasetError(
+                    f"{path('image_class_labels.txt')}: image {i} has class {c}, classes.txt has {len(self.classes)}"
+                )
+            label_list.append(c - 1)
+        self.labels = torch.tensor(label_list, dtype=torch.int64)  # (N,)
+        self.boxes = torch.tensor(
+            [_need(boxes, i, path("bounding_boxes.txt")) for i in ids], dtype=torch.float64
+        ).reshape(n, 4)  # (N, 4) x, y, w, h in original pixels
+
+        # Parts a file does not list for an image count as not visible.
+        self._points = np.zeros((n, k, 2), dtype=np.float64)
+        self._visible = np.zeros((n, k), dtype=bool)
+        locs_path = path("parts/part_locs.txt")
+        for image_id, part_id, x, y, vis in _read_table(locs_path, (int, int, float, float, int)):
+            if part_id not in all_parts.values():
+                raise DatasetError(f"{locs_path}: part id {part_id} is not in parts/parts.txt")
+            r, kk = row_of.get(image_id), part_index.get(part_id)
+            if r is not None and kk is not None:
+                self._points[r, kk] = (x, y)
+                self._visible[r, kk] = vis != 0
+
+        self.has_part_masks = (self.root / PART_MASKS_FILE).is_file()
+        self._masks: list[dict[int, Path]] = [{} for _ in range(n)]
+        if self.has_part_masks:
+            masks_path = path(PART_MASKS_FILE)
+            for image_id, part_id, rel in _read_table(masks_path, (int, int, str)):
+                if part_id not in all_parts.values():
+                    raise DatasetError(f"{masks_path}: part id {part_id} is not in parts/parts.txt")
+                r, kk = row_of.get(image_id), part_index.get(part_id)
+                if r is not None and kk is not None:
+                    self._masks[r][kk] = self.root / rel
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def _open(self, file: Path, mode: str) -> Image.Image:
+        try:
+            with Image.open(file) as img:
+                img.load()  # decode now, so a truncated file fails here and not later
+                return img.convert(mode)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three for broken files
+            raise DatasetError(f"cannot read image {file}: {err}") from err
+
+    def _crop(self, i: int, width: int, height: int) -> tuple[int, int, int, int]:
+        """Return the crop (left, top, w, h) in whole pixels."""
+        if not self.crop_to_box:
+            return 0, 0, width, height
+        x, y, w, h = self.boxes[i].tolist()
+        x0, y0 = max(0, math.floor(x)), max(0, math.floor(y))
+        x1, y1 = min(width, math.ceil(x + w)), min(height, math.ceil(y + h))
+        if x1 <= x0 or y1 <= y0:
+            raise DatasetError(
+                f"{self.root / 'bounding_boxes.txt'}: image {self.image_ids[i]} has box {(x, y, w, h)}, "
+                f"which is empty inside its {width}x{height} image"
+            )
+        return x0, y0, x1 - x0, y1 - y0
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for a dataset of {len(self)} images")
+        s = self.image_size
+        img = self._open(self.image_paths[i], "RGB")
+        left, top, cw, ch = self._crop(i, img.width, img.height)
+        image = F.pil_to_tensor(img)  # (3, H, W) uint8
+        image = F.resized_crop(image, top, left, ch, cw, [s, s], antialias=True)
+        image = F.normalize(F.to_dtype(image, torch.float32, scale=True), self.mean, self.std)
+
+        scale = np.array([s / cw, s / ch])
+        points = (self._points[i] - np.array([left, top])) * scale  # (K, 2)
+        inside = np.all((points >= 0) & (points <= s), axis=1)
+        visible = self._visible[i] & inside
+        points[~visible] = 0.0
+        sample = {
+            "image": image,
+            "label": self.labels[i].clone(),
+            "landmarks": torch.from_numpy(points.astype(np.float32)),
+            "visible": torch.from_numpy(visible),
+            "index": torch.tensor(i, dtype=torch.int64),
+        }
+        if self.has_part_masks:
+            masks = torch.zeros(len(self.landmark_names), s, s, dtype=torch.bool)  # (K, S, S)
+            for kk, file in self._masks[i].items():
+                mask = F.pil_to_tensor(self._open(file, "L"))  # (1, H, W)
+                if mask.shape[-2:] != (img.height, img.width):
+                    raise DatasetError(
+                        f"mask {file} is {mask.shape[-1]}x{mask.shape[-2]} but its image "
+                        f"{self.image_paths[i]} is {img.width}x{img.height}"
+                    )
+                mask = F.resized_crop(mask, top, left, ch, cw, [s, s], interpolation=InterpolationMode.NEAREST)
+                masks[kk] = mask[0] > 0
+            sample["part_masks"] = masks
+        return sample

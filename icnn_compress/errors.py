@@ -1,0 +1,23 @@
+"""Exceptions raised for bad input: each message says what went wrong and what to do."""
+
+from __future__ import annotations
+
+
+class ICNNError(Exception):
+    """Base class of every error this package raises on purpose; the CLI prints it without a traceback."""
+
+
+class DatasetError(ICNNError):
+    """A dataset folder, annotation file or image that cannot be read."""
+
+
+class RecipeError(ICNNError):
+    """A recipe (TOML) or a --set override that does not match the config dataclasses."""
+
+
+class CheckpointError(ICNNError):
+    """A checkpoint that is missing, unreadable or made for another architecture."""
+
+
+class TrainingError(ICNNError):
+    """Training stopped on purpose: a NaN loss, a collapsed model, an interrupted resume."""

@@ -1,0 +1,323 @@
+"""The filter loss of METHOD.md sections 3-4 and the filter → category bookkeeping around it.
+
+Two forms share one driver (:class:`FilterLoss`):
+
+* ``reference`` — the released code's gradient, added to ∂L/∂x of each masked layer's input (section 4).
+  It has no loss value; :func:`reference_gradient` also returns its estimate of −MI for logging.
+* ``mutual-information`` — an autograd loss following the paper's Eq. 1 with the target-template
+  approximation (section 3): all n²+1 templates enter p(x), only the image's own template the outer sum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .mask import InterpretableMask, grid_coordinates, peak_cells
+
+__all__ = [
+    "FORMS",
+    "FilterLoss",
+    "LayerStats",
+    "class_weights",
+    "mutual_information_loss",
+    "positive_pairs",
+    "reference_gradient",
+]
+
+FORMS = ("reference", "mutual-information")
+
+
+def _sanitise(t: Tensor) -> Tensor:
+    """inf → the largest finite value, NaN → 0 (as the released code does)."""
+    return torch.nan_to_num(t, nan=0.0)
+
+
+def _normalised_weights(z: Tensor, value: Tensor, select: Tensor, guard: bool) -> Tensor:
+    """ω = e^z·value over the selected images, normalised to mean 1 over them (per filter), (B, D).
+
+    The exponential is max-shifted per filter; the shift cancels in the normalisation.
+    """
+    z = torch.where(select, z, torch.full_like(z, -math.inf))
+    shift = z.amax(dim=0, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    omega = torch.exp(z - shift) * torch.where(select, value, torch.zeros_like(value))
+    count = select.sum(dim=0, keepdim=True).clamp(min=1)
+    denom = (omega.abs() if guard else omega).sum(dim=0, keepdim=True) / count
+    return _sanitise(omega / denom)
+
+
+def reference_gradient(
+    x: Tensor,
+    m: Tensor,
+    positive: Tensor,
+    *,
+    w_pos: Tensor,
+    w_neg: Tensor,
+    kappa: float,
+    a: float = 0.5,
+    guard: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Return the released code's injected gradient for ∂L/∂x, (B, D, h, w), and its −MI estimate, (D,).
+
+    Args:
+        x: post-ReLU maps entering the mask, (B, D, h, w).
+        m: the masks applied to them (peak value 1), (B, D, h, w).
+        positive: whether image b belongs to filter d's category, (B, D) bool.
+        w_pos, w_neg: per-filter weights w⁺, w⁻, (D,).
+        kappa: the loss strength κ_t of this epoch.
+        a: the temperature (0.5 in the code).
+        guard: normalise ω by mean |ω| instead of mean ω, so the sign cannot flip near collapse.
+
+    The gradient is per image divided by B, to sit beside a batch-mean task loss. Reductions run in
+    float64 (METHOD.md §8: the mean-ω normalisation is ill-conditioned near collapse).
+    """
+    b = x.shape[0]
+    xd, md = x.detach().double(), m.detach().double()
+    pos = positive.bool()
+    neg = ~pos
+    s = (xd * md).mean(dim=(2, 3))  # (B, D) strength inside the mask
+    r = xd.mean(dim=(2, 3))  # (B, D) mean activation
+    # Monte-Carlo log-partitions: maps paired with masks of the reversed image and reversed filter.
+    cross = (xd * md.flip(0, 1)).mean(dim=(2, 3))
+    log_b = math.log(b)
+    a_pos = a * (torch.logsumexp(cross / a, dim=0) - log_b)  # (D,)
+    a_neg = a * (torch.logsumexp(-r / a, dim=0) - log_b)
+    omega_pos = _normalised_weights(s / a, s - a_pos + a, pos, guard)
+    omega_neg = _normalised_weights(-r / a, -r - a_neg + a, neg, guard)
+    coef_pos = -kappa * w_pos.double() * omega_pos / b  # (B, D)
+    coef_neg = kappa * w_neg.double() * omega_neg / b
+    grad = coef_pos[..., None, None] * md + coef_neg[..., None, None]
+    # −MI under the target-template approximation: −Σ p log p with p = e^{(s−A)/a}, per target family.
+    lp = torch.where(pos, (s - a_pos) / a, torch.zeros_like(s))
+    ln = torch.where(neg, (-r - a_neg) / a, torch.zeros_like(r))
+    plogp = torch.exp(lp) * lp * pos
+    qlogq = torch.exp(ln) * ln * neg
+    n_pos = pos.sum(dim=0).clamp(min=1)
+    n_neg = neg.sum(dim=0).clamp(min=1)
+    neg_mi = -(w_pos.double() * plogp.sum(dim=0) / n_pos + w_neg.double() * qlogq.sum(dim=0) / n_neg)
+    return _sanitise(grad).to(x.dtype), neg_mi
+
+
+def _template_kernels(beta: Tensor, h: int, w: int) -> Tensor:
+    """Return each filter's positive template as a function of the offset to µ, (D, 1, 2h−1, 2w−1)."""
+    du = grid_coordinates(h, device=beta.device, dtype=beta.dtype)
+    dv = grid_coordinates(w, device=beta.device, dtype=beta.dtype)
+    step_u = du[1] - du[0] if h > 1 else du.new_tensor(0.0)
+    step_v = dv[1] - dv[0] if w > 1 else dv.new_tensor(0.0)
+    oy = torch.arange(-(h - 1), h, device=beta.device, dtype=beta.dtype).abs() * step_u
+    ox = torch.arange(-(w - 1), w, device=beta.device, dtype=beta.dtype).abs() * step_v
+    dist = oy[:, None] + ox[None, :]  # (2h−1, 2w−1)
+    return torch.clamp(1.0 - beta[:, None, None] * dist, min=-1.0)[:, None]
+
+
+def mutual_information_loss(
+    x: Tensor,
+    beta: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    positive: Tensor,
+    *,
+    w_pos: Tensor,
+    w_neg: Tensor,
+) -> Tensor:
+    """Return Loss_f = −MI(X; T) per filter, (D,), differentiable in x (paper Eq. 1, float32).
+
+    Templates t⁺(µ) = τ·max(1 − β‖·−µ‖₁, −1) on the [-1, 1] grid, t⁻ = −τ, τ = 0.5/n², uniform priors
+    over the n²+1 templates. Z_T is the batch's Monte-Carlo partition, held constant (as in the paper);
+    only each image's target template T̂ (its peak for images of the filter's category, T⁻ otherwise)
+    enters the outer sum, weighted by w⁺ or w⁻.
+
+    Args:
+        x: post-ReLU maps, (B, D, h, w). beta: grid β per filter, (D,).
+        rows, cols: each map's peak cell µ̂, (B, D) long. positive: (B, D) bool.
+    """
+    bsz, d, h, w = x.shape
+    xf = x.float()
+    tau = 0.5 / (h * w)
+    kernels = _template_kernels(beta.detach().float(), h, w)
+    # tr(x·T_µ) for every µ at once: a depthwise correlation of the map with its template kernel.
+    tr_pos = tau * nn.functional.conv2d(xf, kernels, padding=(h - 1, w - 1), groups=d)  # (B, D, h, w)
+    tr_neg = -tau * xf.sum(dim=(2, 3))  # (B, D)
+    log_p_pos = tr_pos - torch.logsumexp(tr_pos.detach(), dim=0, keepdim=True)
+    log_p_neg = tr_neg - torch.logsumexp(tr_neg.detach(), dim=0, keepdim=True)
+    log_prior = -math.log(1 + h * w)
+    all_templates = torch.cat([log_p_pos.reshape(bsz, d, h * w), log_p_neg[..., None]], dim=-1)
+    log_px = log_prior + torch.logsumexp(all_templates, dim=-1)  # (B, D)
+    own = log_p_pos.reshape(bsz, d, h * w).gather(-1, (rows * w + cols)[..., None])[..., 0]
+    pos = positive.bool()
+    log_p_target = torch.where(pos, own, log_p_neg)
+    weight = torch.where(pos, w_pos.float()[None], w_neg.float()[None])
+    terms = weight * math.exp(log_prior) * torch.exp(log_p_target) * (log_p_target - log_px)
+    return -terms.sum(dim=0)
+
+
+def positive_pairs(labels: Tensor, category: Tensor, single_category: int | None) -> Tensor:
+    """Return whether image b is of filter d's category, (B, D) bool.
+
+    Single-category tasks (``single_category`` = the object's label) make every filter the object's.
+    """
+    if single_category is not None:
+        return (labels == single_category)[:, None].expand(-1, category.shape[0])
+    return labels[:, None] == category[None, :]
+
+
+def class_weights(mask: InterpretableMask, single_category: int | None) -> tuple[Tensor, Tensor]:
+    """Return (w⁺, w⁻) per filter, (D,): 1 and 1 single-category, else 0.5/ρ_c and 0.5/(1 − ρ_c)."""
+    d = mask.num_filters
+    if single_category is not None:
+        one = torch.ones(d, device=mask.beta.device)
+        return one, one
+    c = mask.num_classes
+    freq = mask.class_freq if c <= 10 else torch.full_like(mask.class_freq, 1.0 / c)
+    rho = freq[mask.category]
+    return 0.5 / rho, 0.5 / (1 - rho).clamp(min=1e-6)
+
+
+@dataclass
+class LayerStats:
+    """What one masked layer reported over the batches since the last :meth:`FilterLoss.reset_stats`.
+
+    All values stay on the device as tensors (no host sync inside the training step).
+    """
+
+    neg_mi: Tensor | None = None  # running sum over batches of the mean −MI estimate
+    batches: int = 0
+    peak_max: Tensor | None = None  # (D,) largest activation seen: 0 means the filter is dead
+    images: int = 0
+    fired: Tensor | None = None  # (D,) images where the filter's map is not all zero
+    task_sq: Tensor | None = None  # Σ‖task gradient‖² at the masked input (measuring only)
+    inj_sq: Tensor | None = None  # Σ‖injected gradient per unit κ‖² (measuring only)
+
+    def add(self, name: str, value: Tensor) -> None:
+        cur = getattr(self, name)
+        setattr(self, name, value if cur is None else cur + value)
+
+
+class FilterLoss:
+    """Drives the filter loss of every :class:`InterpretableMask` in a model, one training batch at a time.
+
+    Use it around each training forward::
+
+        with filter_loss.batch(labels, kappa):
+            logits = model(images)
+            loss = task_loss(logits, labels) + filter_loss.loss()
+
+    Inside the block each mask updates its filter → category statistics (training batches only) and β,
+    and, while active with κ > 0, adds the reference gradient to its input's gradient or records its
+    mutual-information loss. ``measure=True`` computes the injection per unit κ and records its norm
+    against the task gradient's without applying it (the κ pilot).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        form: str = "reference",
+        a: float = 0.5,
+        guard: bool = False,
+        single_category: int | None = None,
+    ) -> None:
+        if form not in FORMS:
+            raise ValueError(f"loss form must be one of {FORMS}, got {form!r}")
+        self.masks = {n: mod for n, mod in model.named_modules() if isinstance(mod, InterpretableMask)}
+        if not self.masks:
+            raise ValueError("the model has no InterpretableMask: run make_interpretable first")
+        self.form = form
+        self.a = a
+        self.guard = guard
+        self.single_category = single_category
+        self.stats: dict[str, LayerStats] = {n: LayerStats() for n in self.masks}
+        self._losses: list[Tensor] = []
+
+    def reset_stats(self) -> None:
+        """Start a new accumulation period (an epoch, or the pilot)."""
+        self.stats = {n: LayerStats() for n in self.masks}
+
+    def loss(self) -> Tensor | float:
+        """Return the mutual-information loss of the current batch (0 for the reference form)."""
+        if not self._losses:
+            return 0.0
+        return torch.stack(self._losses).sum()
+
+    @contextmanager
+    def batch(self, labels: Tensor, kappa: float, *, measure: bool = False) -> Iterator[FilterLoss]:
+        """Install the per-batch hooks on every mask for one training forward/backward."""
+        self._losses = []
+        for name, mask in self.masks.items():
+            mask.hook = self._hook(name, labels, kappa, measure)
+        try:
+            yield self
+        finally:
+            for mask in self.masks.values():
+                mask.hook = None
+
+    def _hook(self, name: str, labels: Tensor, kappa: float, measure: bool):
+        stats = self.stats[name]
+
+        def hook(mask: InterpretableMask, x: Tensor, m: Tensor) -> None:
+            if not mask.training:
+                return
+            positive = positive_pairs(labels, mask.category, self.single_category)
+            peaks = x.detach().float().amax(dim=(2, 3))  # (B, D)
+            stats.add("fired", (peaks > 0).sum(dim=0))
+            top = peaks.amax(dim=0)
+            stats.peak_max = top if stats.peak_max is None else torch.maximum(stats.peak_max, top)
+            stats.images += x.shape[0]
+            inject = mask.active and x.requires_grad and (kappa > 0 or measure)
+            if inject:
+                self._inject(mask, stats, x, m, positive, kappa, measure)
+            mask.update_beta(x, m, positive)
+            mask.update_categories(x, labels)
+
+        return hook
+
+    def _inject(
+        self,
+        mask: InterpretableMask,
+        stats: LayerStats,
+        x: Tensor,
+        m: Tensor,
+        positive: Tensor,
+        kappa: float,
+        measure: bool,
+    ) -> None:
+        w_pos, w_neg = class_weights(mask, self.single_category)
+        strength = 1.0 if measure else kappa
+        if self.form == "reference":
+            grad, neg_mi = reference_gradient(
+                x, m, positive, w_pos=w_pos, w_neg=w_neg, kappa=strength, a=self.a, guard=self.guard
+            )
+            stats.add("neg_mi", neg_mi.mean().float())
+            stats.batches += 1
+            if measure:
+                x.register_hook(self._measuring_hook(stats, grad))
+            else:
+                x.register_hook(lambda g: g + grad)
+            return
+        rows, cols = peak_cells(x.detach(), mask.peak)
+        per_filter = mutual_information_loss(
+            x, mask.grid_beta(x.shape[-2]), rows, cols, positive, w_pos=w_pos, w_neg=w_neg
+        )
+        stats.add("neg_mi", per_filter.detach().mean())
+        stats.batches += 1
+        total = strength * per_filter.sum()
+        if measure:
+            (grad,) = torch.autograd.grad(total, x, retain_graph=True)
+            x.register_hook(self._measuring_hook(stats, grad))
+        else:
+            self._losses.append(total)
+
+    @staticmethod
+    def _measuring_hook(stats: LayerStats, injected: Tensor):
+        def hook(g: Tensor) -> Tensor:
+            stats.add("task_sq", g.detach().float().pow(2).sum())
+            stats.add("inj_sq", injected.detach().float().pow(2).sum())
+            return g
+
+        return hook

@@ -1,0 +1,79 @@
+"""Templates, peaks and the mask layer (METHOD.md section 2) on hand-computed maps."""
+
+from __future__ import annotations
+
+import torch
+
+from icnn_compress.mask import InterpretableMask, paper_beta_to_grid, peak_cells, template_masks
+
+
+def test_template_on_a_3x3_grid_has_hand_computed_values():
+    m = template_masks(torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([1.0]), 3, 3)
+    # grid u = (-1, 0, 1); peak at row 1 (u=0), col 0 (u=-1); m = max(1 - (|du| + |dv|), -1)
+    expected = torch.tensor([[0.0, -1.0, -1.0], [1.0, 0.0, -1.0], [0.0, -1.0, -1.0]])
+    assert torch.equal(m[0, 0], expected)
+
+
+def test_centroid_rounds_half_up_and_all_zero_gives_first_cell():
+    x = torch.zeros(1, 2, 4, 4)
+    x[0, 0, 1, 1] = 1.0
+    x[0, 0, 2, 2] = 1.0  # centroid (1.5, 1.5) -> (2, 2)
+    rows, cols = peak_cells(x, "centroid")
+    assert rows.tolist() == [[2, 0]] and cols.tolist() == [[2, 0]]
+    rows, cols = peak_cells(x, "argmax")
+    assert rows.tolist() == [[1, 0]] and cols.tolist() == [[1, 0]]
+
+
+def test_paper_beta_conversion():
+    assert paper_beta_to_grid(4.0, 14) == 4.0 * 13 / 28
+
+
+def test_mask_is_active_in_eval_and_baseline_is_identity():
+    x = torch.relu(torch.randn(2, 3, 5, 5))
+    mask = InterpretableMask(3, num_classes=2).eval()
+    out = mask(x)
+    expected = torch.relu(x * mask.masks_for(x))
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, x)
+    base = InterpretableMask(3, num_classes=2, active=False).eval()
+    assert torch.equal(base(x), x)
+
+
+def test_gradient_through_the_mask_treats_it_as_constant():
+    x = torch.relu(torch.randn(1, 1, 4, 4)).requires_grad_(True)
+    mask = InterpretableMask(1, num_classes=1, peak="argmax")
+    mask(x).sum().backward()
+    m = mask.masks_for(x.detach())
+    assert torch.equal(x.grad, m * (x.detach() * m > 0))
+
+
+def test_category_ema_first_observation_replaces_then_damps():
+    mask = InterpretableMask(2, num_classes=3, category_momentum=0.9)
+    x = torch.zeros(2, 2, 2, 2)
+    x[0, 0, 0, 0] = 2.0  # image of class 1, filter 0 peaks at 2
+    x[1, 1, 1, 1] = 4.0  # image of class 2, filter 1 peaks at 4
+    mask.update_categories(x, torch.tensor([1, 2]))
+    assert mask.class_peak.tolist() == [[0.0, 0.0], [2.0, 0.0], [0.0, 4.0]]
+    assert mask.category.tolist() == [1, 2]
+    mask.update_categories(torch.zeros(1, 2, 2, 2), torch.tensor([1]))
+    assert torch.allclose(mask.class_peak[1], torch.tensor([1.8, 0.0]))
+    assert mask.class_seen.tolist() == [False, True, True]
+
+
+def test_learned_beta_moves_toward_three_over_sigma_in_cells():
+    mask = InterpretableMask(1, num_classes=1, beta_rate=0.5)
+    x = torch.zeros(1, 1, 5, 5)
+    x[0, 0, 2, 2] = 1.0  # a point: σ = 0 -> target clipped to 3
+    mask.update_beta(x, mask.masks_for(x), torch.tensor([[True]]))
+    assert torch.allclose(mask.beta, torch.tensor([2.5]))
+    x2 = torch.zeros(1, 1, 5, 5)
+    x2[0, 0, 2, 2] = 4.0
+    x2[0, 0, 0, 2] = x2[0, 0, 4, 2] = x2[0, 0, 2, 0] = 1.0  # three cells 2 away: σ² = 12 / 7
+    strength_positive = (x2 * mask.masks_for(x2)).mean() > 0
+    assert strength_positive
+    mask.update_beta(x2, mask.masks_for(x2), torch.tensor([[True]]))
+    target = 3 / (12 / 7) ** 0.5  # 2.29, inside the clip range
+    assert torch.allclose(mask.beta, torch.tensor([2.5 + 0.5 * (target - 2.5)]))
+    before = mask.beta.clone()
+    mask.update_beta(x2, mask.masks_for(x2), torch.tensor([[False]]))  # no positive image: unchanged
+    assert torch.equal(mask.beta, before)

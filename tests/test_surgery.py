@@ -1,0 +1,99 @@
+"""Every registered architecture end to end: surgery, forward/backward, masks in eval, save/load."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from icnn_compress.loss import FilterLoss
+from icnn_compress.mask import InterpretableMask
+from icnn_compress.surgery import ARCHITECTURES, build_base_model, build_model, make_interpretable
+
+SIZE = 96
+
+
+def interpretable(arch: str, variant: str = "icnn", num_classes: int = 3):
+    torch.manual_seed(0)
+    model = build_base_model(arch, num_classes=num_classes)
+    layout = make_interpretable(
+        model, arch=arch, num_classes=num_classes, image_size=SIZE, variant=variant, head_width=32
+    )
+    record = {
+        "arch": arch, "num_classes": num_classes, "image_size": SIZE, "variant": variant, "new_conv": True,
+        "head_width": 32, "peak": "centroid", "beta": "learned", **layout,
+    }
+    return model, record
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_registered_architecture_end_to_end(arch):
+    model, record = interpretable(arch)
+    masks = [m for m in model.modules() if isinstance(m, InterpretableMask)]
+    assert [n for n, m in model.named_modules() if isinstance(m, InterpretableMask)] == record["masks"]
+    assert len(masks) == 2 and all(m.active for m in masks)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    labels = torch.tensor([0, 2])
+    model.train()
+    fl = FilterLoss(model)
+    with fl.batch(labels, kappa=1e-3):
+        loss = torch.nn.functional.cross_entropy(model(x), labels)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert all(s.batches == 1 for s in fl.stats.values())
+
+    model.eval()
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, k=k: seen.__setitem__(k, (i[0], o))) for k, m in enumerate(masks)]
+    with torch.no_grad():
+        out = model(x)
+    for h in hooks:
+        h.remove()
+    for inp, outp in seen.values():  # masks change the maps in eval mode too
+        assert not torch.equal(inp, outp)
+    assert out.shape == (2, 3)
+
+    buf = io.BytesIO()
+    torch.save({"state_dict": model.state_dict(), "architecture": record}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    rebuilt = build_model(saved["architecture"])
+    rebuilt.load_state_dict(saved["state_dict"])
+    rebuilt.eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), out)
+
+
+def test_baseline_variant_has_identical_modules_and_passes_maps_through():
+    icnn, _ = interpretable("resnet18")
+    base, _ = interpretable("resnet18", variant="baseline")
+    assert icnn.state_dict().keys() == base.state_dict().keys()
+    mask = base.get_submodule("layer3.mask")
+    x = torch.relu(torch.randn(1, mask.num_filters, 4, 4))
+    assert torch.equal(mask(x), x)
+
+
+def test_user_cnn_needs_its_top_layer_and_keeps_its_head():
+    model = build_base_model("icnn_compress.zoo:small_cnn", num_classes=4)
+    with pytest.raises(ValueError, match="name its top conv block"):
+        make_interpretable(model, arch="icnn_compress.zoo:small_cnn", num_classes=4, image_size=SIZE)
+    head = model.head[-1]
+    layout = make_interpretable(
+        model, arch="icnn_compress.zoo:small_cnn", num_classes=4, image_size=SIZE, top_layer="features.14"
+    )
+    assert layout["masks"] == ["features.14.mask", "features.14.new_mask"]
+    assert model.head[-1] is head
+    assert model(torch.randn(2, 3, SIZE, SIZE)).shape == (2, 4)
+
+
+def test_head_mismatch_asks_for_reset_head():
+    model = build_base_model("resnet18", num_classes=10)
+    with pytest.raises(ValueError, match="head has 10 classes but the task has 4; pass --reset-head"):
+        make_interpretable(model, arch="resnet18", num_classes=4, image_size=SIZE)
+
+
+def test_unknown_top_layer_lists_modules():
+    model = build_base_model("resnet18", num_classes=4)
+    with pytest.raises(ValueError, match="no module 'layer9'"):
+        make_interpretable(model, arch="resnet18", num_classes=4, image_size=SIZE, top_layer="layer9")
