@@ -21,3 +21,7 @@ class CheckpointError(ICNNError):
 
 class TrainingError(ICNNError):
     """Training stopped on purpose: a NaN loss, a collapsed model, an interrupted resume."""
+
+
+class ModelError(ICNNError, ValueError):
+    """A model that cannot be built or made interpretable as asked (unknown architecture, layer, head)."""

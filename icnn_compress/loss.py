@@ -191,8 +191,8 @@ class LayerStats:
     peak_max: Tensor | None = None  # (D,) largest activation seen: 0 means the filter is dead
     images: int = 0
     fired: Tensor | None = None  # (D,) images where the filter's map is not all zero
-    task_sq: Tensor | None = None  # Σ‖task gradient‖² at the masked input (measuring only)
-    inj_sq: Tensor | None = None  # Σ‖injected gradient per unit κ‖² (measuring only)
+    task_sq: Tensor | None = None  # Σ‖gradient arriving at the masked input‖² (the task's, when measuring)
+    inj_sq: Tensor | None = None  # Σ‖injected gradient‖² (per unit κ when measuring)
 
     def add(self, name: str, value: Tensor) -> None:
         cur = getattr(self, name)
@@ -295,10 +295,7 @@ class FilterLoss:
             )
             stats.add("neg_mi", neg_mi.mean().float())
             stats.batches += 1
-            if measure:
-                x.register_hook(self._measuring_hook(stats, grad))
-            else:
-                x.register_hook(lambda g: g + grad)
+            x.register_hook(self._measuring_hook(stats, grad, apply=not measure))
             return
         rows, cols = peak_cells(x.detach(), mask.peak)
         per_filter = mutual_information_loss(
@@ -309,15 +306,17 @@ class FilterLoss:
         total = strength * per_filter.sum()
         if measure:
             (grad,) = torch.autograd.grad(total, x, retain_graph=True)
-            x.register_hook(self._measuring_hook(stats, grad))
+            x.register_hook(self._measuring_hook(stats, grad, apply=False))
         else:
             self._losses.append(total)
 
     @staticmethod
-    def _measuring_hook(stats: LayerStats, injected: Tensor):
+    def _measuring_hook(stats: LayerStats, injected: Tensor, *, apply: bool):
+        """Record ‖incoming gradient‖² and ‖injection‖² (the ratio R); add the injection when ``apply``."""
+
         def hook(g: Tensor) -> Tensor:
             stats.add("task_sq", g.detach().float().pow(2).sum())
             stats.add("inj_sq", injected.detach().float().pow(2).sum())
-            return g
+            return g + injected if apply else g
 
         return hook

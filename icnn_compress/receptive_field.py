@@ -211,8 +211,25 @@ class _BoxConv2d(nn.Module):
         # Every channel of the probe carries the same map (the input is constant across channels and
         # every surrogate op treats channels alike), so the constant-weight conv is a box filter of
         # the channel mean, copied to all output channels. Contiguous: the model may add in place.
-        y = self.box(x.mean(dim=1, keepdim=True))  # (1, 1, h, w)
+        y = self.box(_ChannelMean.apply(x))  # (1, 1, h, w)
         return y.expand(-1, self.out_channels, -1, -1).contiguous()
+
+
+class _ChannelMean(torch.autograd.Function):
+    """The channel mean of a map whose channels are all equal: channel 0, with a broadcast backward.
+
+    Same values and gradient as ``x.mean(1, keepdim=True)`` on such maps, without reading every channel
+    forward or writing a full-size gradient backward (the probe's dominant cost on wide layers).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        ctx.channels = x.shape[1]
+        return x[:, :1].clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return (grad / ctx.channels).expand(-1, ctx.channels, -1, -1)
 
 
 class _MeanLinear(nn.Module):

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checkpoint import build_torchvision_model
+from .errors import ModelError
 from .mask import InterpretableMask
 
 __all__ = [
@@ -113,25 +115,26 @@ def _user_builder(arch: str) -> Callable[..., nn.Module]:
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot import the model builder {arch!r} ('package.module:function'): {exc}") from exc
+        raise ModelError(f"cannot import the model builder {arch!r} ('package.module:function'): {exc}") from exc
 
 
-def build_base_model(arch: str, *, num_classes: int, weights: object | None = None) -> nn.Module:
+def build_base_model(arch: str, *, num_classes: int, weights: str | None = None) -> nn.Module:
     """Build the plain network: a registered torchvision name or a user builder ``"pkg.module:fn"``.
 
-    ``weights`` is a torchvision weights enum member; the model then keeps the weights' class count and
-    :func:`make_interpretable` replaces the head.
+    ``weights`` names a member of the architecture's torchvision weights enum, loaded through torchvision
+    from the standard hub cache; the model then keeps the weights' class count and
+    :func:`make_interpretable` replaces the head (``reset_head``).
     """
     if ":" in arch:
+        if weights is not None:
+            raise ModelError(f"model.weights names a torchvision enum; a user CNN ({arch}) loads model.checkpoint")
         return _user_builder(arch)(num_classes=num_classes)
     if arch not in ARCHITECTURES:
         known = ", ".join(sorted(ARCHITECTURES))
-        raise ValueError(f"unknown architecture {arch!r}: use one of {known}, or 'package.module:builder'")
-    import torchvision
-
+        raise ModelError(f"unknown architecture {arch!r}: use one of {known}, or 'package.module:builder'")
     if weights is not None:
-        return torchvision.models.get_model(arch, weights=weights)
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        return build_torchvision_model(arch, weights=weights)
+    return build_torchvision_model(arch, num_classes=num_classes)
 
 
 def _get(model: nn.Module, name: str) -> nn.Module:
@@ -139,7 +142,7 @@ def _get(model: nn.Module, name: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError as exc:
         names = [n for n, _ in model.named_modules() if n][:12]
-        raise ValueError(f"the model has no module {name!r}; some of its modules: {names}") from exc
+        raise ModelError(f"the model has no module {name!r}; some of its modules: {names}") from exc
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -205,16 +208,16 @@ def make_interpretable(
             the top block's channels, the paper's M = C) and a second mask.
     """
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        raise ModelError(f"variant must be one of {VARIANTS}, got {variant!r}")
     spec = ARCHITECTURES.get(arch)
     if spec is None and top_layer is None:
-        raise ValueError(f"{arch!r} is not a registered architecture: name its top conv block (model.top_layer)")
+        raise ModelError(f"{arch!r} is not a registered architecture: name its top conv block (model.top_layer)")
     top = top_layer or spec.top_layer(model)
     pool = pool_layer if (pool_layer or spec is None) else spec.pool_layer(model)
     channels = _output_channels(model, top, image_size)
     filters = new_filters or channels
     if filters != channels and spec is None:
-        raise ValueError("new_filters must equal the top block's channels for a user CNN (its head is kept)")
+        raise ModelError("new_filters must equal the top block's channels for a user CNN (its head is kept)")
     active = variant == "icnn"
 
     def mask(n: int) -> InterpretableMask:
@@ -246,7 +249,7 @@ def _replace_head(
     first = old if isinstance(old, nn.Linear) else next(m for m in old.modules() if isinstance(m, nn.Linear))
     last = old if isinstance(old, nn.Linear) else [m for m in old.modules() if isinstance(m, nn.Linear)][-1]
     if last.out_features != num_classes and not (reset or spec.paper_head):
-        raise ValueError(
+        raise ModelError(
             f"the model's head has {last.out_features} classes but the task has {num_classes}; "
             "pass --reset-head (model.reset_head = true)"
         )

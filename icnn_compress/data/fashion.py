@@ -99,7 +99,9 @@ def load_fashion_mnist(source: str | Path | None = None) -> dict[str, tuple[torc
     return out
 
 
-def _place(rng: np.random.Generator, obj: np.ndarray, canvas_size: int, scale: tuple[float, float]) -> tuple[Image.Image, tuple[float, float, float, float]]:
+def _place(
+    rng: np.random.Generator, obj: np.ndarray, canvas_size: int, scale: tuple[float, float]
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
     """Composite one 28×28 gray object, colourised, on a textured canvas; return it and the object's tight box."""
     side = max(2, int(round(rng.uniform(*scale) * canvas_size)))
     alpha = np.asarray(Image.fromarray(obj).resize((side, side), Image.Resampling.BILINEAR), dtype=np.float64)
@@ -122,7 +124,8 @@ def _place(rng: np.random.Generator, obj: np.ndarray, canvas_size: int, scale: t
     rows, cols = np.nonzero(alpha > 0)
     if len(rows) == 0:  # an all-black object: keep the square it was placed in
         return image, (float(x0), float(y0), float(side), float(side))
-    box = (float(x0 + cols.min()), float(y0 + rows.min()), float(cols.max() - cols.min() + 1), float(rows.max() - rows.min() + 1))
+    left, top = x0 + cols.min(), y0 + rows.min()
+    box = (float(left), float(top), float(cols.max() - cols.min() + 1), float(rows.max() - rows.min() + 1))
     return image, box
 
 
@@ -181,7 +184,9 @@ def generate_fashion_canvas(
                 image.save(tmp / "images" / rel)
                 cx = x + w / 2
                 parts = [(cx, y, True), (cx, y + h / 2, True), (cx, y + h, True)]
-                records.append(LayoutRecord(image=rel, class_id=c + 1, is_train=split == "train", box=(x, y, w, h), parts=parts))
+                records.append(
+                    LayoutRecord(image=rel, class_id=c + 1, is_train=split == "train", box=(x, y, w, h), parts=parts)
+                )
         write_layout(tmp, class_names=class_names, landmark_names=LANDMARK_NAMES, records=records)
         meta = {
             "generator": "icnn_compress.data.generate_fashion_canvas",

@@ -4,7 +4,7 @@ Each category is a creature made of 3-4 parts (``head``, ``body``, ``tail``, ``l
 arrangement* tell the category; colours are random per part and per image, so colour alone tells nothing
 (a colour-coded dataset was too easy to measure anything on, see METHOD.md section 8, "Headroom"). Each image
 holds one creature at a random position, scale and pose over a textured background, plus 1-3 distractors:
-lone parts of random categories, so that a part alone does not tell the category either.
+lone limbs (heads, tails, legs) of random categories, so that a limb alone does not tell the category.
 
 Landmarks are the part centres (a designated point inside each part), the box is the creature's extent, and
 each part mask holds the part's visible pixels (a pixel counts when the part covers at least half of it).
@@ -173,7 +173,8 @@ def textured_background(rng: np.random.Generator, size: int) -> Image.Image:
         for k in range(-int(size / period) - 2, int(size / period) + 3):
             a = centre + normal * k * period
             b = a + normal * period / 2
-            corners = [a - 2 * size * direction, a + 2 * size * direction, b + 2 * size * direction, b - 2 * size * direction]
+            far = 2 * size * direction
+            corners = [a - far, a + far, b + far, b - far]
             draw.polygon([tuple(p) for p in corners], fill=tuple(int(v) for v in other))
         return img
     if kind == 1:  # blobs
@@ -190,7 +191,9 @@ def textured_background(rng: np.random.Generator, size: int) -> Image.Image:
     return Image.fromarray(noise).resize((size, size), Image.Resampling.BICUBIC)
 
 
-def _random_colour(rng: np.random.Generator, avoid: np.ndarray | None = None, distance: float = 0.0) -> tuple[int, int, int]:
+def _random_colour(
+    rng: np.random.Generator, avoid: np.ndarray | None = None, distance: float = 0.0
+) -> tuple[int, int, int]:
     """Return a random RGB colour, at least ``distance`` away from ``avoid`` if a few tries allow it."""
     for _ in range(20):
         colour = rng.integers(0, 256, size=3)
@@ -200,6 +203,7 @@ def _random_colour(rng: np.random.Generator, avoid: np.ndarray | None = None, di
 
 
 def _pose(pts: np.ndarray, *, angle: float, flip: bool, scale: float, shift: np.ndarray) -> np.ndarray:
+    """Flip (about the vertical axis), rotate, scale, then shift the points (M, 2)."""
     if flip:
         pts = pts * (-1.0, 1.0)
     return _rotate(pts, angle) * scale + shift
@@ -253,12 +257,14 @@ def _render(rng: np.random.Generator, category: int, size: int) -> tuple[Image.I
 
     # Distractors: lone parts of random categories, under the creature and mostly beside it.
     for _ in range(int(rng.integers(1, 4))):
+        # Limbs only: a lone body would be a whole category's main cue, and too strong a confounder.
         cat = _CATEGORIES[names[int(rng.integers(len(names)))]]()
-        part = list(cat.values())[int(rng.integers(len(cat)))]
+        limbs = [p for n, p in cat.items() if n != "body"]
+        part = limbs[int(rng.integers(len(limbs)))]
         pts = part.polygon - np.array(part.centre)
         pts = _pose(
             pts, angle=rng.uniform(0, 2 * math.pi), flip=bool(rng.integers(2)),
-            scale=scale * rng.uniform(0.8, 1.2), shift=np.zeros(2),
+            scale=scale * rng.uniform(0.7, 1.1), shift=np.zeros(2),
         )
         d_lo, d_hi = pts.min(axis=0), pts.max(axis=0)
         area = float(np.prod(d_hi - d_lo)) + 1e-9

@@ -37,7 +37,11 @@ def cub(tmp_path: Path) -> Path:
     _image(root / "images/002.Laysan_Albatross/a.png", (100, 50), (10, 5, 40, 20))
     _image(root / "images/001.Black_footed_Albatross/b.png", (60, 40), (0, 0, 60, 40))
     _image(root / "images/001.Black_footed_Albatross/c.png", (30, 30), (5, 5, 20, 20))
-    _write(root, "images.txt", "1 002.Laysan_Albatross/a.png\n2 001.Black_footed_Albatross/b.png\n3 001.Black_footed_Albatross/c.png\n")
+    _write(
+        root,
+        "images.txt",
+        "1 002.Laysan_Albatross/a.png\n2 001.Black_footed_Albatross/b.png\n3 001.Black_footed_Albatross/c.png\n",
+    )
     _write(root, "classes.txt", "1 001.Black_footed_Albatross\n2 002.Laysan_Albatross\n")
     _write(root, "image_class_labels.txt", "1 2\n2 1\n3 1\n")
     _write(root, "train_test_split.txt", "1 1\n2 0\n3 1\n")

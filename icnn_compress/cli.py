@@ -1,0 +1,161 @@
+"""The ``icnn`` command: argument parsing only; every command calls a public function of the package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import ICNNError
+
+__all__ = ["main"]
+
+log = logging.getLogger("icnn_compress")
+
+DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.toml"
+
+
+def _recipe(args: argparse.Namespace):
+    from .config import load_recipe
+
+    return load_recipe(args.recipe, args.set or ())
+
+
+def _cmd_make_dataset(args: argparse.Namespace) -> int:
+    from .data.fashion import generate_fashion_canvas
+    from .data.generate import generate_parts_dataset
+
+    make = generate_parts_dataset if args.kind == "parts" else generate_fashion_canvas
+    path = make(args.out, seed=args.seed, progress=not args.quiet)
+    print(f"wrote the {args.kind} dataset to {path}")
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .train import pretrain
+
+    path = pretrain(_recipe(args), args.out, progress=not args.quiet)
+    print(f"wrote the plain checkpoint {path}")
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .train import finetune
+
+    if args.baseline and args.masks_only:
+        raise ICNNError("--baseline and --masks-only are two different arms: pass one")
+    arm = "baseline" if args.baseline else "masks-only" if args.masks_only else "icnn"
+    record = finetune(_recipe(args), args.out, arm=arm, resume=args.resume, progress=not args.quiet)
+    print(f"{arm}: epoch {record.get('epoch')} val acc {record.get('val_acc', float('nan')):.2f}% -> {args.out}/model.pt")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_run
+
+    result = evaluate_run(args.run, data_root=args.data, split=args.split, json_path=args.json,
+                          progress=not args.quiet)
+    print(json.dumps({k: result[k] for k in ("accuracy", "location_instability", "split", "num_images")}))
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .train import calibrate
+
+    result = calibrate(_recipe(args), progress=not args.quiet)
+    for name, r in result["R_per_unit"].items():
+        print(f"R per unit kappa at {name}: {r:.4g}")
+    print(result["reason"])
+    print(f"kappa0 = {result['kappa']:.4g}")
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from .pipeline import format_table, run_pipeline
+
+    results = run_pipeline(_recipe(args), args.out, progress=not args.quiet)
+    print(format_table(results))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if not DEMO_RECIPE.is_file():
+        raise ICNNError(f"the demo recipe {DEMO_RECIPE} is missing: run `icnn pipeline RECIPE --out DIR` instead")
+    args.recipe = DEMO_RECIPE
+    return _cmd_pipeline(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``icnn`` argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="icnn", description="Interpretable CNN fine-tuning, analysis and compression")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_recipe(p: argparse.ArgumentParser) -> None:
+        p.add_argument("recipe", type=Path, help="TOML recipe (recipes/*.toml)")
+        p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe key")
+
+    p = sub.add_parser("make-dataset", help="generate a part-annotated dataset in the CUB-200-2011 layout")
+    p.add_argument("kind", choices=["parts", "fashion-canvas"])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_dataset)
+
+    p = sub.add_parser("pretrain", help="train the recipe's plain architecture into OUT/model.pth")
+    with_recipe(p)
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint into an interpretable CNN")
+    with_recipe(p)
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--baseline", action="store_true", help="same architecture, masks inactive, no filter loss")
+    p.add_argument("--masks-only", action="store_true", help="masks active, kappa = 0")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="accuracy and location instability of a run")
+    p.add_argument("run", type=Path)
+    p.add_argument("--data", type=Path, default=None, help="dataset folder (default: the run's data.root)")
+    p.add_argument("--split", default="test", choices=["train", "test", "all"])
+    p.add_argument("--json", type=Path, default=None, help="write the full result here")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("calibrate", help="run the kappa pilot alone and print R and the chosen kappa")
+    with_recipe(p)
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("pipeline", help="data, plain model, baseline / masks-only / icnn, evaluation")
+    with_recipe(p)
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("demo", help="the pipeline on the embedded quickstart recipe (CPU, < 10 min)")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe key")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``icnn``; bad input exits with status 2 and a one-line message, no traceback."""
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ICNNError as exc:
+        print(f"icnn: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("icnn: interrupted; rerun with --resume (finetune) or the same command (pipeline) to continue",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

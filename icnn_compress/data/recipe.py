@@ -1,0 +1,45 @@
+"""Open the dataset a recipe names, generating it first when the recipe says how."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..config import DataConfig
+from ..errors import DatasetError
+from .cub import CubDataset
+from .fashion import generate_fashion_canvas
+from .generate import generate_parts_dataset
+
+__all__ = ["ensure_dataset", "open_split"]
+
+log = logging.getLogger(__name__)
+
+_GENERATORS = {"parts": generate_parts_dataset, "fashion-canvas": generate_fashion_canvas}
+
+
+def ensure_dataset(cfg: DataConfig, *, progress: bool = True) -> Path:
+    """Return ``cfg.root``, generating it with ``cfg.generate`` when it does not exist yet."""
+    root = Path(cfg.root)
+    if (root / "images.txt").is_file() or cfg.generate is None:
+        return root
+    if root.exists() and any(root.iterdir()):
+        raise DatasetError(f"{root} exists but is not a dataset (no images.txt); remove it or set data.root")
+    log.info("generating the %s dataset at %s (seed %d)", cfg.generate, root, cfg.generate_seed)
+    _GENERATORS[cfg.generate](root, seed=cfg.generate_seed, progress=progress)
+    return root
+
+
+def open_split(cfg: DataConfig, split: str, *, progress: bool = True) -> CubDataset:
+    """Open one split ("train", "test" or "all") of the recipe's dataset at the recipe's image size."""
+    root = ensure_dataset(cfg, progress=progress)
+    limit = cfg.limit_train if split == "train" else cfg.limit_test
+    return CubDataset(
+        root,
+        split=split,
+        image_size=cfg.image_size,
+        crop_to_box=cfg.crop_to_box,
+        mean=cfg.mean,
+        std=cfg.std,
+        limit=limit,
+    )

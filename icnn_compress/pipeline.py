@@ -1,0 +1,82 @@
+"""The whole job on one recipe: data, plain checkpoint, the three arms, evaluation, a side-by-side table.
+
+Each stage writes into its own folder under ``out`` and is skipped when its result is already there,
+so an interrupted pipeline is resumed by running it again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from .checkpoint import atomic_write_text
+from .config import Recipe
+from .data.recipe import ensure_dataset
+from .evaluate import evaluate_run
+from .train import ARMS, finetune, pretrain
+
+__all__ = ["format_table", "run_pipeline"]
+
+log = logging.getLogger(__name__)
+
+
+def _with_checkpoint(recipe: Recipe, checkpoint: Path) -> Recipe:
+    return replace(recipe, model=replace(recipe.model, checkpoint=str(checkpoint)))
+
+
+def run_pipeline(recipe: Recipe, out: str | Path, *, arms: tuple[str, ...] = ("baseline", "masks-only", "icnn"),
+                 progress: bool = True) -> dict:
+    """Run every stage of ``recipe`` into ``out``; return ``{arm: evaluation}`` (also ``out/summary.json``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_dataset(recipe.data, progress=progress)
+    if recipe.pretrain.epochs > 0:
+        plain = out / "plain" / "model.pth"
+        if not plain.exists():
+            log.info("stage: plain training (%d epochs)", recipe.pretrain.epochs)
+            pretrain(recipe, plain.parent, progress=progress)
+        recipe = _with_checkpoint(recipe, plain)
+    results = {}
+    for arm in arms:
+        if arm not in ARMS:
+            raise ValueError(f"unknown arm {arm!r}; choose from {ARMS}")
+        run = out / arm
+        if not (run / "model.pt").exists():
+            log.info("stage: fine-tune %s", arm)
+            finetune(recipe, run, arm=arm, resume=(run / "last.pt").exists(), progress=progress)
+        results[arm] = evaluate_run(run, split="test", json_path=run / "evaluate.json", progress=progress)
+    atomic_write_text(out / "summary.json", json.dumps(results, indent=2))
+    return results
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    if value is None or base is None or base == 0:
+        return "-"
+    return f"{value:.4f} ({value / base:.2f})"
+
+
+def format_table(results: dict) -> str:
+    """A plain-text table of the arms side by side: accuracy and per-layer instability (× baseline)."""
+    base = results.get("baseline")
+    layers = list(next(iter(results.values()))["layers"])
+    head = ["arm", "acc %", "kappa0"] + [f"instab. {name}" for name in layers] + ["dead"]
+    rows = [head]
+    for arm, res in results.items():
+        cells = [arm, f"{res['accuracy'] * 100:.2f}", f"{res.get('kappa0', 0.0):.3g}"]
+        for name in layers:
+            value = res["layers"][name]["location_instability"]
+            ref = base["layers"][name]["location_instability"] if base else None
+            cells.append(_ratio(value, ref))
+        cells.append("/".join(str(res["layers"][n].get("dead", "-")) for n in layers))
+        rows.append(cells)
+    ref = results[next(iter(results))]["layers"][layers[0]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(
+        f"references at {layers[0]}: random peak {ref.get('random_reference', float('nan')):.4f}, "
+        f"oracle landmark {ref.get('oracle_reference', float('nan')):.4f} (lower is better; ratios × baseline)"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,464 @@
+"""Fine-tuning: plain pre-training, the ICNN / masks-only / baseline arms, resume, NaN and collapse guards.
+
+One loop serves every arm so that comparisons differ only in what the arm changes:
+
+* ``icnn`` — masks active, filter loss at κ_t = κ₀ / epoch (κ₀ measured by the pilot when "auto");
+* ``masks-only`` — masks active, κ = 0 (METHOD.md §8: most of the new layer's gain is the mask);
+* ``baseline`` — identical modules with inactive masks and no filter loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    RunDir,
+    append_jsonl,
+    atomic_save,
+    atomic_write_text,
+    load_model_file,
+    load_state_dict_checked,
+    read_state_dict,
+    save_model_file,
+)
+from .config import Recipe, recipe_to_dict, recipe_to_toml
+from .data.cub import CubDataset
+from .data.recipe import open_split
+from .errors import TrainingError
+from .kappa import CollapseGuard, calibrate_kappa
+from .loss import FilterLoss
+from .surgery import build_base_model, build_model, make_interpretable
+
+__all__ = ["ARMS", "build_for_recipe", "calibrate", "finetune", "load_run_model", "pretrain", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+ARMS = ("icnn", "masks-only", "baseline")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; anything else as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"train.device is {name!r} but no CUDA device is available; use 'cpu' or 'auto'")
+    return device
+
+
+def seed_everything(seed: int, *, deterministic: bool) -> None:
+    """Seed torch; on request make CPU kernels deterministic (CUDA keeps its fast kernels)."""
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def loader(dataset: CubDataset, *, batch_size: int, shuffle: bool, seed: int, workers: int, device: torch.device):
+    """A DataLoader with a seeded shuffle; pinned memory and persistent workers on CUDA."""
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=gen,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        drop_last=shuffle and len(dataset) > batch_size,
+    )
+
+
+def lr_at(recipe_lr: float, lr_end: float, schedule: str, schedule_epochs: int, epoch: int, frac: float, epochs: int) -> float:
+    """Learning rate at ``epoch`` (1-based) and fraction ``frac`` of it.
+
+    ``paper``: logspace(lr → lr_end) over ``schedule_epochs`` epochs, then lr_end (METHOD.md §5);
+    ``cosine``: cosine from lr to lr_end over the run; ``constant``: lr.
+    """
+    if schedule == "constant":
+        return recipe_lr
+    if schedule == "paper":
+        k = min(epoch - 1, schedule_epochs - 1)
+        if schedule_epochs == 1:
+            return recipe_lr
+        return recipe_lr * (lr_end / recipe_lr) ** (k / (schedule_epochs - 1))
+    t = ((epoch - 1) + frac) / max(epochs, 1)
+    return lr_end + 0.5 * (recipe_lr - lr_end) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def _to(batch: dict, device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:
+    images = batch["image"].to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, batch["label"].to(device, non_blocking=True)
+
+
+@torch.inference_mode()
+def validate(model: nn.Module, data: DataLoader, device: torch.device, *, amp: bool, channels_last: bool) -> float:
+    """Top-1 accuracy (%) of ``model`` on ``data``."""
+    model.eval()
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    total = 0
+    for batch in data:
+        images, labels = _to(batch, device, channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(images)
+        correct += (logits.argmax(dim=1) == labels).sum()
+        total += labels.numel()
+    return 100.0 * correct.item() / max(total, 1)
+
+
+@dataclass
+class _Setup:
+    """What every loop needs, resolved once from the recipe."""
+
+    recipe: Recipe
+    device: torch.device
+    amp: bool
+    channels_last: bool
+    train_data: CubDataset
+    test_data: CubDataset
+    progress: bool
+
+    def loaders(self, epoch_seed: int) -> tuple[DataLoader, DataLoader]:
+        r = self.recipe
+        train = loader(self.train_data, batch_size=r.train.batch_size, shuffle=True, seed=epoch_seed,
+                       workers=r.data.num_workers, device=self.device)
+        test = loader(self.test_data, batch_size=r.train.eval_batch_size, shuffle=False, seed=0,
+                      workers=r.data.num_workers, device=self.device)
+        return train, test
+
+
+def _setup(recipe: Recipe, progress: bool) -> _Setup:
+    device = resolve_device(recipe.train.device)
+    seed_everything(recipe.train.seed, deterministic=recipe.train.deterministic)
+    train_data = open_split(recipe.data, "train", progress=progress)
+    test_data = open_split(recipe.data, "test", progress=progress)
+    cuda = device.type == "cuda"
+    return _Setup(recipe, device, recipe.train.amp and cuda, recipe.train.channels_last and cuda,
+                  train_data, test_data, progress)
+
+
+def build_for_recipe(recipe: Recipe, *, arm: str, classes: list[str], image_size: int) -> tuple[nn.Module, dict]:
+    """Build the recipe's model for ``arm`` from its weights and checkpoint; return it and its architecture record."""
+    m = recipe.model
+    num_classes = m.num_classes or len(classes)
+    model = build_base_model(m.arch, num_classes=num_classes, weights=m.weights)
+    if m.checkpoint:
+        head = _head_keys(model) if m.reset_head else ()
+        load_state_dict_checked(model, read_state_dict(m.checkpoint), source=m.checkpoint, allow_head_mismatch=head)
+    layout = make_interpretable(
+        model,
+        arch=m.arch,
+        num_classes=num_classes,
+        image_size=image_size,
+        variant="baseline" if arm == "baseline" else "icnn",
+        top_layer=m.top_layer,
+        pool_layer=m.pool_layer,
+        new_conv=m.new_conv,
+        new_filters=m.new_filters,
+        head_width=m.head_width,
+        peak=recipe.icnn.peak,
+        beta=recipe.icnn.beta,
+        reset_head=m.reset_head,
+    )
+    for mask in (model.get_submodule(n) for n in layout["masks"]):
+        mask.category_momentum = recipe.icnn.category_momentum
+        mask.beta_rate = recipe.icnn.beta_rate
+    architecture = {
+        "arch": m.arch, "num_classes": num_classes, "image_size": image_size,
+        "variant": "baseline" if arm == "baseline" else "icnn", "new_conv": m.new_conv,
+        "head_width": m.head_width, "peak": recipe.icnn.peak, "beta": recipe.icnn.beta, **layout,
+    }
+    return model, architecture
+
+
+def _head_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the model's last Linear (or last parameterised) layer: what --reset-head frees."""
+    last = [n for n, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))][-1]
+    return [f"{last}.weight", f"{last}.bias"]
+
+
+def _set_class_frequency(model: nn.Module, labels: Tensor, num_classes: int) -> None:
+    freq = torch.bincount(labels, minlength=num_classes).float()
+    freq = freq / freq.sum().clamp(min=1)
+    for mod in FilterLoss(model).masks.values():
+        mod.class_freq.copy_(freq.clamp(min=1e-6))
+
+
+def _epoch_stats(filter_loss: FilterLoss) -> dict:
+    """Per-layer summary of an epoch (host values; called once per epoch)."""
+    out = {}
+    for name, st in filter_loss.stats.items():
+        mask = filter_loss.masks[name]
+        rec: dict = {"filters": mask.num_filters}
+        if st.peak_max is not None:
+            rec["dead"] = int((st.peak_max <= 0).sum())
+            rec["fire_rate"] = float(st.fired.float().mean() / max(st.images, 1))
+        if st.batches:
+            rec["neg_mi"] = float(st.neg_mi / st.batches)
+        if st.task_sq is not None and float(st.task_sq) > 0:
+            rec["R"] = math.sqrt(float(st.inj_sq) / float(st.task_sq))
+        rec["beta"] = {"mean": float(mask.beta.mean()), "min": float(mask.beta.min()), "max": float(mask.beta.max())}
+        rec["categories"] = torch.bincount(mask.category, minlength=mask.num_classes).tolist()
+        out[name] = rec
+    return out
+
+
+def _train_epoch(
+    model: nn.Module,
+    filter_loss: FilterLoss | None,
+    optimizer: torch.optim.Optimizer,
+    data: DataLoader,
+    setup: _Setup,
+    *,
+    epoch: int,
+    epochs: int,
+    kappa: float,
+    lr: tuple[float, float, str, int],
+    desc: str,
+) -> dict:
+    """One epoch; returns host-side loss and accuracy. Raises TrainingError on a non-finite loss."""
+    model.train()
+    device = setup.device
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    finite = torch.ones((), device=device, dtype=torch.bool)
+    seen = 0
+    steps = len(data)
+    bar = tqdm(data, desc=desc, leave=False, disable=not setup.progress, dynamic_ncols=True)
+    for step, batch in enumerate(bar):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(lr[0], lr[1], lr[2], lr[3], epoch, step / steps, epochs)
+        images, labels = _to(batch, device, setup.channels_last)
+        with _maybe_filter_loss(filter_loss, labels, kappa):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.amp):
+                logits = model(images)
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+            if filter_loss is not None:
+                loss = loss + filter_loss.loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        finite &= torch.isfinite(loss.detach())
+        total_loss += loss.detach() * labels.numel()
+        correct += (logits.detach().argmax(dim=1) == labels).sum()
+        seen += labels.numel()
+        if setup.progress and (step % 10 == 0 or step == steps - 1):
+            bar.set_postfix(loss=f"{float(total_loss) / seen:.3f}", acc=f"{100.0 * float(correct) / seen:.1f}")
+        if step % 25 == 24 and not bool(finite):
+            break
+    if not bool(finite):
+        raise TrainingError(f"the loss became NaN or infinite in epoch {epoch}")
+    return {"train_loss": float(total_loss) / max(seen, 1), "train_acc": 100.0 * float(correct) / max(seen, 1)}
+
+
+class _NoFilterLoss:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _maybe_filter_loss(filter_loss: FilterLoss | None, labels: Tensor, kappa: float):
+    return filter_loss.batch(labels, kappa) if filter_loss is not None else _NoFilterLoss()
+
+
+def _prepare(model: nn.Module, setup: _Setup) -> nn.Module:
+    model.to(setup.device)
+    if setup.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def pretrain(recipe: Recipe, out: str | Path, *, progress: bool = True) -> Path:
+    """Train the recipe's plain architecture (no masks) with ``[pretrain]``; write ``model.pth`` (a state_dict).
+
+    This makes the quickstart's "existing checkpoint", the way a user's own training would.
+    """
+    setup = _setup(recipe, progress)
+    run = RunDir(Path(out)).ensure()
+    p = recipe.pretrain
+    model = _prepare(build_base_model(recipe.model.arch, num_classes=len(setup.train_data.classes),
+                                      weights=recipe.model.weights), setup)
+    optimizer = make_optimizer(model, p.optimizer, p.lr, recipe.train.momentum, recipe.train.weight_decay)
+    for epoch in range(1, p.epochs + 1):
+        train_data, test_data = setup.loaders(recipe.train.seed + epoch)
+        stats = _train_epoch(model, None, optimizer, train_data, setup, epoch=epoch, epochs=p.epochs, kappa=0.0,
+                             lr=(p.lr, p.lr_end, "cosine", p.epochs), desc=f"pretrain {epoch}/{p.epochs}")
+        stats.update(epoch=epoch, val_acc=validate(model, test_data, setup.device, amp=setup.amp,
+                                                   channels_last=setup.channels_last))
+        append_jsonl(run.metrics_path, {"stage": "pretrain", **stats})
+        log.info("pretrain epoch %d: %s", epoch, stats)
+    path = run.path / "model.pth"
+    atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def calibrate(recipe: Recipe, *, progress: bool = True) -> dict:
+    """Run the κ pilot alone on the recipe's ICNN model (what ``kappa = "auto"`` does at the start)."""
+    setup = _setup(recipe, progress)
+    model, architecture = build_for_recipe(recipe, arm="icnn", classes=setup.train_data.classes,
+                                           image_size=recipe.data.image_size)
+    _prepare(model, setup)
+    _set_class_frequency(model, setup.train_data.labels.to(setup.device), architecture["num_classes"])
+    filter_loss = FilterLoss(model, form=recipe.icnn.loss, a=recipe.icnn.a, guard=recipe.icnn.guard)
+    train_data, _ = setup.loaders(recipe.train.seed)
+    return calibrate_kappa(model, filter_loss, train_data, setup.device, optimizer=recipe.train.optimizer,
+                           batches=recipe.icnn.pilot_batches, amp=setup.amp, channels_last=setup.channels_last)
+
+
+def finetune(recipe: Recipe, out: str | Path, *, arm: str = "icnn", resume: bool = False, progress: bool = True) -> dict:
+    """Fine-tune the recipe's model as ``arm`` into run directory ``out``; return the final epoch's record.
+
+    Writes ``recipe.toml`` (resolved), ``metrics.jsonl`` (one record per epoch), ``last.pt`` after each
+    complete epoch (atomic; ``resume=True`` continues from it) and ``model.pt`` at the end.
+    """
+    if arm not in ARMS:
+        raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
+    run = RunDir(Path(out))
+    if run.last_path.exists() and not resume:
+        raise TrainingError(f"{run.path} holds an unfinished or finished run (last.pt); pass --resume to "
+                            "continue it or choose another --out")
+    if resume and not run.last_path.exists():
+        raise TrainingError(f"--resume: {run.path} has no last.pt to resume from")
+    run.ensure()
+    setup = _setup(recipe, progress)
+    classes = setup.train_data.classes
+    model, architecture = build_for_recipe(recipe, arm=arm, classes=classes, image_size=recipe.data.image_size)
+    _prepare(model, setup)
+    _set_class_frequency(model, setup.train_data.labels.to(setup.device), architecture["num_classes"])
+    t = recipe.train
+    optimizer = make_optimizer(model, t.optimizer, t.lr, t.momentum, t.weight_decay)
+    filter_loss = FilterLoss(model, form=recipe.icnn.loss, a=recipe.icnn.a, guard=recipe.icnn.guard)
+    start = 1
+    kappa0: float
+    calibration: dict | None = None
+    if resume:
+        state = torch.load(run.last_path, map_location=setup.device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, kappa0, calibration = state["epoch"] + 1, state["kappa"], state.get("calibration")
+        torch.set_rng_state(state["rng"])
+        log.info("resuming %s from epoch %d", run.path, start)
+    elif arm != "icnn":
+        kappa0 = 0.0
+    elif recipe.icnn.kappa == "auto":
+        train_data, _ = setup.loaders(t.seed)
+        calibration = calibrate_kappa(model, filter_loss, train_data, setup.device, optimizer=t.optimizer,
+                                      batches=recipe.icnn.pilot_batches, amp=setup.amp,
+                                      channels_last=setup.channels_last)
+        kappa0 = calibration["kappa"]
+        log.info("kappa auto: %s", calibration["reason"])
+    else:
+        kappa0 = float(recipe.icnn.kappa)
+    atomic_write_text(run.recipe_path, recipe_to_toml(recipe))
+    initial = None
+    if calibration is not None and start == 1:
+        initial = {"train_loss": calibration["task_loss"],
+                   "layers": {n: {"dead": d} for n, d in calibration["dead"].items()}}
+    guard = CollapseGuard(enabled=recipe.icnn.collapse_guard and arm == "icnn", initial=initial)
+    good = _snapshot(model, optimizer)
+    record: dict = {}
+    epoch = start
+    with _compiled(model, t.compile) as runner:
+        while epoch <= t.epochs:
+            kappa = kappa0 / epoch
+            train_data, test_data = setup.loaders(t.seed + epoch)
+            filter_loss.reset_stats()
+            began = time.perf_counter()
+            try:
+                stats = _train_epoch(runner, filter_loss, optimizer, train_data, setup, epoch=epoch, epochs=t.epochs,
+                                     kappa=kappa, lr=(t.lr, t.lr_end, t.schedule, t.schedule_epochs),
+                                     desc=f"{arm} {epoch}/{t.epochs}")
+            except TrainingError as exc:
+                if not guard.enabled:
+                    raise TrainingError(f"{exc}; the last good checkpoint is {run.last_path} (epoch {epoch - 1}): "
+                                        "lower train.lr or icnn.kappa and run again with --resume") from None
+                stats = {"train_loss": math.inf, "train_acc": 0.0}
+            layers = _epoch_stats(filter_loss)
+            val_acc = validate(runner, test_data, setup.device, amp=setup.amp, channels_last=setup.channels_last)
+            record = {"stage": "finetune", "arm": arm, "epoch": epoch, "kappa": kappa, "kappa0": kappa0,
+                      "lr": optimizer.param_groups[0]["lr"], **stats, "val_acc": val_acc, "layers": layers,
+                      "seconds": time.perf_counter() - began}
+            verdict = guard.check(record)
+            if verdict is not None:
+                append_jsonl(run.metrics_path, {**record, "collapse": verdict})
+                _restore(model, optimizer, good)
+                kappa0 = guard.back_off(kappa0)
+                log.warning("epoch %d: %s; restored epoch %d and lowered kappa0 to %.3g", epoch, verdict,
+                            epoch - 1, kappa0)
+                continue
+            append_jsonl(run.metrics_path, record)
+            log.info("epoch %d: loss %.4f acc %.2f val %.2f", epoch, stats["train_loss"], stats["train_acc"], val_acc)
+            good = _snapshot(model, optimizer)
+            atomic_save({"model": good[0], "optimizer": good[1], "epoch": epoch, "kappa": kappa0,
+                         "calibration": calibration, "rng": torch.get_rng_state()}, run.last_path)
+            epoch += 1
+    guard.final_check(record)
+    save_model_file(
+        run.model_path,
+        state_dict=model.state_dict(),
+        architecture=architecture,
+        classes=list(classes),
+        extra={
+            "arm": arm,
+            "kappa0": kappa0,
+            "calibration": calibration,
+            "recipe": recipe_to_dict(recipe),
+            "choices": {"peak": recipe.icnn.peak, "beta": recipe.icnn.beta, "loss": recipe.icnn.loss,
+                        "baseline": "same architecture, masks inactive, no filter loss"},
+            "filter_categories": {n: m.category.tolist() for n, m in filter_loss.masks.items()},
+            "final": record,
+        },
+    )
+    return record
+
+
+def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+
+
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, good: tuple[dict, dict]) -> None:
+    model.load_state_dict(good[0])
+    optimizer.load_state_dict(good[1])
+
+
+class _compiled:
+    """Context yielding ``torch.compile(model)`` when asked (the filter-loss hooks stay eager)."""
+
+    def __init__(self, model: nn.Module, enabled: bool) -> None:
+        self.model, self.enabled = model, enabled
+
+    def __enter__(self) -> nn.Module:
+        return torch.compile(self.model) if self.enabled else self.model
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+
+def load_run_model(run: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Load a run's ``model.pt`` (or a model file path) into a fresh model; return it and the saved record."""
+    path = Path(run)
+    path = path / "model.pt" if path.is_dir() else path
+    saved = load_model_file(path)
+    model = build_model(saved["architecture"])
+    load_state_dict_checked(model, saved["state_dict"], source=str(path))
+    return model.to(device).eval(), saved
