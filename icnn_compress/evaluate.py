@@ -6,7 +6,9 @@ https://arxiv.org/abs/1710.00935), section 4.2; METHOD.md sections 6 and 8 give 
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -173,3 +175,53 @@ def _geometry_json(g: LayerGeometry, size: tuple[int, int]) -> dict[str, list]:
     if g.size is not None:
         out["receptive_field"] = list(g.size)
     return out
+
+
+def evaluate_run(
+    run: str | Path,
+    *,
+    data_root: str | Path | None = None,
+    split: str = "test",
+    json_path: str | Path | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a run directory's ``model.pt`` on a split of its dataset (or ``data_root``).
+
+    Measures every masked layer of the model with the filter categories the model learned (the "cls"
+    rule), adds what the run recorded (``arm``, ``kappa0``, dead filters per layer at the last epoch)
+    and the ``split``, and writes the result atomically to ``json_path`` when given.
+    """
+    from dataclasses import replace
+
+    from torch.utils.data import DataLoader
+
+    from .checkpoint import atomic_write_text
+    from .config import recipe_from_dict
+    from .data.recipe import open_split
+    from .mask import InterpretableMask
+    from .train import load_run_model, resolve_device
+
+    dev = resolve_device(str(device))
+    model, saved = load_run_model(run, device=dev)
+    recipe = recipe_from_dict(saved["recipe"], source=f"{run}/model.pt")
+    data_cfg = recipe.data if data_root is None else replace(recipe.data, root=str(data_root), generate=None)
+    dataset = open_split(data_cfg, split, progress=progress)
+    if list(dataset.classes) != list(saved["classes"]):
+        raise ValueError(f"the dataset's classes {dataset.classes[:5]}... are not the model's {saved['classes'][:5]}...")
+    layers = saved["architecture"]["masks"]
+    masks = {name: model.get_submodule(name) for name in layers}
+    categories = {name: m.category for name, m in masks.items() if isinstance(m, InterpretableMask)}
+    loader = DataLoader(dataset, batch_size=recipe.train.eval_batch_size, shuffle=False,
+                        num_workers=recipe.data.num_workers)
+    result = evaluate(model, loader, layers=layers, filter_category=categories, classes=dataset.classes,
+                      landmark_names=dataset.landmark_names, image_size=dataset.image_size, device=dev,
+                      progress=progress)
+    final_layers = (saved.get("final") or {}).get("layers", {})
+    for name, entry in result["layers"].items():
+        if "dead" in final_layers.get(name, {}):
+            entry["dead"] = final_layers[name]["dead"]
+    result.update(split=split, run=str(run), arm=saved.get("arm"), kappa0=saved.get("kappa0"))
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(result, indent=2))
+    return result

@@ -42,7 +42,7 @@ def calibrate_kappa(
     """Run the pilot: measure R per unit κ at each masked layer and return the κ₀ that puts R_top on target.
 
     The pilot makes two passes over the same few batches: the first warms up the filter → category
-    statistics (they start empty), the second measures. Nothing else of the model changes: weights,
+    statistics (they start empty), the second measures with them held fixed. Nothing else of the model changes: weights,
     batch-norm statistics and β are restored afterwards; the warmed-up categories are kept (they came
     from training batches). No optimiser step is taken.
 
@@ -66,13 +66,13 @@ def calibrate_kappa(
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             labels = batch["label"].to(device)
-            with filter_loss.batch(labels, 0.0, measure=True):
+            with filter_loss.batch(labels, 0.0, measure=True, update=not measuring):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     logits = model(images)
                 loss = nn.functional.cross_entropy(logits.float(), labels)
             if measuring:
                 loss.backward()
-                loss_sum += float(loss)
+                loss_sum += float(loss.detach())
         model.zero_grad(set_to_none=True)
     keep = {k: v for k, v in model.state_dict().items() if k.endswith(("class_peak", "class_seen"))}
     model.load_state_dict({**saved, **keep})

@@ -246,18 +246,24 @@ class FilterLoss:
         return torch.stack(self._losses).sum()
 
     @contextmanager
-    def batch(self, labels: Tensor, kappa: float, *, measure: bool = False) -> Iterator[FilterLoss]:
-        """Install the per-batch hooks on every mask for one training forward/backward."""
+    def batch(
+        self, labels: Tensor, kappa: float, *, measure: bool = False, update: bool = True
+    ) -> Iterator[FilterLoss]:
+        """Install the per-batch hooks on every mask for one training forward/backward.
+
+        ``update=False`` leaves the filter → category statistics and β as they are (the pilot's
+        measuring pass, so that every measured batch sees the same categories).
+        """
         self._losses = []
         for name, mask in self.masks.items():
-            mask.hook = self._hook(name, labels, kappa, measure)
+            mask.hook = self._hook(name, labels, kappa, measure, update)
         try:
             yield self
         finally:
             for mask in self.masks.values():
                 mask.hook = None
 
-    def _hook(self, name: str, labels: Tensor, kappa: float, measure: bool):
+    def _hook(self, name: str, labels: Tensor, kappa: float, measure: bool, update: bool):
         stats = self.stats[name]
 
         def hook(mask: InterpretableMask, x: Tensor, m: Tensor) -> None:
@@ -272,8 +278,10 @@ class FilterLoss:
             inject = mask.active and x.requires_grad and (kappa > 0 or measure)
             if inject:
                 self._inject(mask, stats, x, m, positive, kappa, measure)
-            mask.update_beta(x, m, positive)
-            mask.update_categories(x, labels)
+            if update:
+                if mask.active:
+                    mask.update_beta(x, m, positive)
+                mask.update_categories(x, labels)
 
         return hook
 

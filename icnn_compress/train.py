@@ -102,8 +102,11 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weig
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def _to(batch: dict, device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:
+def _to(batch: dict, device: torch.device, channels_last: bool, hflip: bool = False) -> tuple[Tensor, Tensor]:
     images = batch["image"].to(device, non_blocking=True)
+    if hflip:  # training-only augmentation; landmarks are not used in training
+        flip = torch.rand(images.shape[0], device=device) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(3), images)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, batch["label"].to(device, non_blocking=True)
@@ -246,7 +249,7 @@ def _train_epoch(
     for step, batch in enumerate(bar):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(lr[0], lr[1], lr[2], lr[3], epoch, step / steps, epochs)
-        images, labels = _to(batch, device, setup.channels_last)
+        images, labels = _to(batch, device, setup.channels_last, setup.recipe.data.hflip)
         with _maybe_filter_loss(filter_loss, labels, kappa):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.amp):
                 logits = model(images)
@@ -325,11 +328,26 @@ def calibrate(recipe: Recipe, *, progress: bool = True) -> dict:
                            batches=recipe.icnn.pilot_batches, amp=setup.amp, channels_last=setup.channels_last)
 
 
-def finetune(recipe: Recipe, out: str | Path, *, arm: str = "icnn", resume: bool = False, progress: bool = True) -> dict:
+def finetune(
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    arm: str = "icnn",
+    resume: bool = False,
+    progress: bool = True,
+    model: nn.Module | None = None,
+    architecture: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
     """Fine-tune the recipe's model as ``arm`` into run directory ``out``; return the final epoch's record.
 
     Writes ``recipe.toml`` (resolved), ``metrics.jsonl`` (one record per epoch), ``last.pt`` after each
     complete epoch (atomic; ``resume=True`` continues from it) and ``model.pt`` at the end.
+
+    Args:
+        model, architecture: fine-tune this already built model (e.g. a pruned one, for recovery)
+            instead of building the recipe's; ``architecture`` is its saved record.
+        extra: more entries for ``model.pt`` (e.g. a pruning history).
     """
     if arm not in ARMS:
         raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
@@ -342,7 +360,10 @@ def finetune(recipe: Recipe, out: str | Path, *, arm: str = "icnn", resume: bool
     run.ensure()
     setup = _setup(recipe, progress)
     classes = setup.train_data.classes
-    model, architecture = build_for_recipe(recipe, arm=arm, classes=classes, image_size=recipe.data.image_size)
+    if model is None:
+        model, architecture = build_for_recipe(recipe, arm=arm, classes=classes, image_size=recipe.data.image_size)
+    elif architecture is None:
+        raise ValueError("finetune(model=...) needs the model's architecture record too")
     _prepare(model, setup)
     _set_class_frequency(model, setup.train_data.labels.to(setup.device), architecture["num_classes"])
     t = recipe.train
@@ -406,6 +427,8 @@ def finetune(recipe: Recipe, out: str | Path, *, arm: str = "icnn", resume: bool
                 log.warning("epoch %d: %s; restored epoch %d and lowered kappa0 to %.3g", epoch, verdict,
                             epoch - 1, kappa0)
                 continue
+            if calibration is not None and epoch == 1 and "correction" not in calibration:
+                kappa0 = _correct_kappa(calibration, record, kappa0)
             append_jsonl(run.metrics_path, record)
             log.info("epoch %d: loss %.4f acc %.2f val %.2f", epoch, stats["train_loss"], stats["train_acc"], val_acc)
             good = _snapshot(model, optimizer)
@@ -427,9 +450,29 @@ def finetune(recipe: Recipe, out: str | Path, *, arm: str = "icnn", resume: bool
                         "baseline": "same architecture, masks inactive, no filter loss"},
             "filter_categories": {n: m.category.tolist() for n, m in filter_loss.masks.items()},
             "final": record,
+            **(extra or {}),
         },
     )
     return record
+
+
+def _correct_kappa(calibration: dict, record: dict, kappa0: float) -> float:
+    """Close the loop once after epoch 1: rescale κ₀ so that the measured R_top lands on the target.
+
+    METHOD.md §8's bands are for R over the first epoch; the pilot measures before any step, when the
+    task gradient is not yet what training sees. R is linear in κ, so one rescaling suffices.
+    """
+    top = next(iter(record["layers"].values()))
+    measured = top.get("R")
+    low, high = calibration["band"]
+    if measured is None or low <= measured <= high:
+        calibration["correction"] = {"R_epoch1": measured, "factor": 1.0}
+        return kappa0
+    factor = calibration["target_R"] / measured
+    calibration["correction"] = {"R_epoch1": measured, "factor": factor}
+    log.info("kappa auto: R_top over epoch 1 was %.3g, outside %s: kappa0 %.3g -> %.3g", measured,
+             calibration["band"], kappa0, kappa0 * factor)
+    return kappa0 * factor
 
 
 def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -455,10 +498,21 @@ class _compiled:
 
 
 def load_run_model(run: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Load a run's ``model.pt`` (or a model file path) into a fresh model; return it and the saved record."""
+    """Load a run's ``model.pt`` (or a model file path) into a fresh model; return it and the saved record.
+
+    A pruned model file (``icnn prune``) also holds ``"pruning"``, the pruning history: the model is
+    rebuilt from its architecture record, the history replayed on torch-pruning's dependency graph to
+    give it the pruned shapes, then the weights loaded.
+    """
     path = Path(run)
     path = path / "model.pt" if path.is_dir() else path
     saved = load_model_file(path)
     model = build_model(saved["architecture"])
+    if saved.get("pruning"):
+        # Imported here: replaying a history is the prune stage's business (and needs torch-pruning),
+        # while every run that was never pruned loads without it.
+        from .prune import apply_pruning_history
+
+        apply_pruning_history(model, saved["pruning"])
     load_state_dict_checked(model, saved["state_dict"], source=str(path))
     return model.to(device).eval(), saved

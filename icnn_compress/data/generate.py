@@ -3,7 +3,7 @@
 Each category is a creature made of 3-4 parts (``head``, ``body``, ``tail``, ``leg``) whose *shapes and
 arrangement* tell the category; colours are random per part and per image, so colour alone tells nothing
 (a colour-coded dataset was too easy to measure anything on, see METHOD.md section 8, "Headroom"). Each image
-holds one creature at a random position, scale and pose over a textured background, plus 1-3 distractors:
+holds one creature at a random position, scale and pose over a textured background, plus 0-2 distractors:
 lone limbs (heads, tails, legs) of random categories, so that a limb alone does not tell the category.
 
 Landmarks are the part centres (a designated point inside each part), the box is the creature's extent, and
@@ -241,7 +241,7 @@ def _render(rng: np.random.Generator, category: int, size: int) -> tuple[Image.I
     angle, flip = rng.uniform(-math.radians(40), math.radians(40)), bool(rng.integers(2))
     posed = {n: _pose(p.polygon, angle=angle, flip=flip, scale=1.0, shift=np.zeros(2)) for n, p in parts.items()}
     lo, hi = _extent(list(posed.values()))
-    scale = rng.uniform(0.45, 0.8) * big / float(np.max(hi - lo))
+    scale = rng.uniform(0.55, 0.85) * big / float(np.max(hi - lo))
     margin = 0.02 * big
     lo, hi = lo * scale, hi * scale
     shift = np.array([rng.uniform(margin - lo[d], big - margin - hi[d]) for d in range(2)])
@@ -256,7 +256,7 @@ def _render(rng: np.random.Generator, category: int, size: int) -> tuple[Image.I
     draw = ImageDraw.Draw(img)
 
     # Distractors: lone parts of random categories, under the creature and mostly beside it.
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(0, 3))):
         # Limbs only: a lone body would be a whole category's main cue, and too strong a confounder.
         cat = _CATEGORIES[names[int(rng.integers(len(names)))]]()
         limbs = [p for n, p in cat.items() if n != "body"]
@@ -324,8 +324,8 @@ def generate_parts_dataset(
     *,
     seed: int = 0,
     num_classes: int = 4,
-    train_per_class: int = 300,
-    test_per_class: int = 100,
+    train_per_class: int = 600,
+    test_per_class: int = 150,
     image_size: int = 64,
     progress: bool = True,
 ) -> Path:

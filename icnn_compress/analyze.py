@@ -1,0 +1,887 @@
+"""Per-filter analysis in one streaming pass: what each filter does, and which filters are dead weight.
+
+The measures follow Zhang, Wu, Zhu, "Interpretable Convolutional Neural Networks" (CVPR 2018,
+https://arxiv.org/abs/1710.00935); METHOD.md sections 3, 6 and 8 give the exact rules. Every measure is
+accumulated as running sums (float64) in one dict of tensors per layer, so that memory does not grow
+with the dataset (``O(D²)`` for the correlations) and so that the dicts of several processes can be
+combined with :func:`merge_states` (sums add, log-sum-exps ``logaddexp``, top-k lists merge,
+histograms are re-binned to the coarser scale and added); the ``N × D`` peaks are concatenated. The only per-image state is
+``N × D`` peak values and peak positions (small scalars) for the location instability.
+
+Definitions (``x`` is a filter's ``(h, w)`` map on one image, clamped at 0 like the post-ReLU maps the
+method works on; the "peak" is ``max_ij x``):
+
+* ``activation_rate``: fraction of images whose peak exceeds ``silent_threshold``; ``silent``: the rate
+  is below ``silent_fraction``.
+* ``category``: the given filter category (the mask's ``.category``), else the class with the largest
+  mean peak. ``exclusivity``: the share of the peak activation mass on that category, class-balanced:
+  ``m_c / Σ_c m_c`` with ``m_c`` the mean peak over images of class ``c`` (the raw mass share on
+  balanced data; 1 = fires only on its category, ``1/C`` = indifferent).
+* ``inter_category_entropy`` = H(T′|X) and ``mi_spatial_entropy`` = Σ_x p(T⁺,x)·H(T⁺|X=x), the two
+  terms of METHOD.md section 3 with the paper's templates (τ = 0.5/n², β = 4, uniform prior over the
+  n²+1 templates), in nats. ``Z_T`` is "estimated from many maps and updated gradually" as the paper
+  says: each batch uses the running mean of ``exp(tr(x·T))`` over all images seen so far (this batch
+  included), and ``p(x) ∝ Σ_T p(T)·exp(tr(x·T))/mean(exp(tr(x·T)))`` weights each image. In the paper's
+  units (τ = 0.5/n²) maps of small magnitude make every template nearly equally likely, so these two
+  terms sit close to their maxima for any filter on a small network; they are reported for fidelity.
+* ``spatial_entropy`` (the headline spatial measure): the entropy of the map normalised to a
+  distribution over cells, ``−Σ p log p`` with ``p = x / Σx``, divided by ``log(h·w)`` (0 = one cell,
+  1 = uniform), averaged over images weighted by the peak (images where the filter is silent do not
+  count). It is the spatial term with the posterior over positions taken proportional to the activation,
+  which is scale-free.
+* ``peak_correlation``: Pearson correlation over images of two filters' peaks. ``map_correlation``: the
+  mean over images (where both maps are non-constant) of the Pearson correlation over cells of the two
+  maps, i.e. the correlation of per-image standardised maps accumulated as sums. Two filters are
+  redundant when ``min(peak_correlation, map_correlation) ≥ redundancy_threshold``: they fire on the same
+  images at the same places. ``cluster``: the connected components of that graph; each cluster's
+  ``best`` member has the highest ``exclusivity − spatial_entropy`` (most exclusive, best localised).
+* ``mis``: the mutual information (nats) between the filter's spatially averaged activation and the
+  one-vs-rest label of class ``c``, max over ``c`` (``mis_class``). Plug-in estimate on a streaming
+  histogram of ``mis_bins`` equal-width bins over ``[0, hi]``, where ``hi`` doubles (merging bin pairs,
+  exact) whenever a larger value arrives; its positive bias is about ``(bins − 1)/(2N)``.
+* ``location_instability``: :func:`~icnn_compress.metrics.location_instability` per filter and landmark,
+  "cls" rule (top images of the filter's category), from the per-image peak cells.
+* ``part_interpretability`` (METHOD.md section 6): the region ``x > q`` with ``q`` the filter's top 0.5%
+  quantile over all cells of all images, up-sampled to the image by nearest neighbour (exactly, on the map
+  grid: part masks are area-pooled onto the cells); a filter counts on an image when the IoU with a part
+  mask exceeds 0.2; ``P_f`` = max over parts of the fraction of images of the filter's category that
+  contain the part on which it counts. ``q`` comes from a streaming doubling histogram of all cell values
+  (``quantile_bins`` bins) and is the running estimate after the current batch: early batches use a
+  quantile estimated on fewer images (shuffle the loader; :func:`analyze_run` does).
+* ``estimate_stride`` (default 4): the map correlation, the two template terms and the part quantile's
+  histogram are estimated on every 4th image of each batch (a fixed subsample of the data); every other
+  measure (peaks, peak correlation, exclusivity, spatial entropy, MIS, instability, the part IoU counts)
+  uses every image. This keeps the pass within 0.85× of plain inference.
+
+``analysis.json`` schema (written by :func:`analyze_run`, the dict :func:`analyze` returns minus the
+tensors under ``"matrices"`` and ``"top"``)::
+
+    {"summary": {"num_images", "classes", "landmark_names", "image_size", "settings": {...},
+                 "run", "arm", "split", "accuracy" (when computed),
+                 "layers": {layer: {"num_filters", "map_size", "geometry", "num_silent", "mean_activation_rate",
+                     "mean_exclusivity", "mean_spatial_entropy", "mean_inter_category_entropy",
+                     "mean_mi_spatial_entropy", "mean_mis", "location_instability",
+                     "instability_per_landmark": {name: v}, "part_interpretability",
+                     "part_threshold_quantile", "category_histogram": {class: n},
+                     "landmark_tracking": {name: n}, "clusters": [{"members": [i, ...], "best": i}]
+                     (clusters of two or more), "num_redundant" (filters a pruner could drop: Σ (size − 1))}}},
+     "filters": [{"layer", "filter", "category", "category_name", "activation_rate", "silent",
+                  "mean_peak", "exclusivity", "inter_category_entropy", "mi_spatial_entropy",
+                  "spatial_entropy", "mis", "mis_class", "cluster" (id, -1 = alone), "cluster_best" (bool),
+                  "max_redundancy" (largest min-correlation with another filter), "redundant_with" (its
+                  closest filter), "location_instability", "instability_per_landmark": {name: v},
+                  "tracked_landmark", "part_interpretability", "best_part",
+                  "top_images": [{"index", "value", "x", "y"}]}, ...]}
+
+Undefined values (a silent filter's exclusivity, a measure without landmarks) are ``null``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from icnn_compress.metrics import category_histogram, landmark_histogram, location_instability
+from icnn_compress.receptive_field import LayerGeometry, layer_geometry
+
+__all__ = ["analyze", "analyze_run", "merge_states", "write_analysis", "write_gallery"]
+
+
+_EPS = 1e-12
+# Merge rule of each running statistic (see merge_states): these combine by logaddexp, the top-k and
+# histogram keys have their own rule, everything else is a sum.
+_LSE_KEYS = ("lse_T",)
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming histograms whose range doubles on demand
+
+
+def _grow_histogram(hist: Tensor, hi: Tensor, need: Tensor) -> Tensor:
+    """Re-bin ``hist`` ``(L, D, K)`` in place so that each filter's range ``[0, hi)`` covers ``need`` ``(D,)``.
+
+    Returns the new ``hi``. A range that doubles merges bin pairs, which is exact; the first non-zero
+    value sets the initial range (all earlier values were 0 and sit in bin 0 at any range).
+    """
+    k = hist.shape[-1]
+    hi = torch.where((hi <= 0) & (need > 0), need * (1 + 1e-6), hi)
+    grow = (need >= hi) & (hi > 0)
+    if not bool(grow.any()):
+        return hi
+    bits = int(math.log2(k))
+    steps = torch.zeros_like(hi, dtype=torch.long)
+    # In log space: need / hi can overflow for a subnormal first value.
+    ratio = (torch.log2(need[grow]) - torch.log2(hi[grow])).clamp(max=bits + 1)
+    steps[grow] = torch.ceil(ratio + 1e-9).long().clamp(min=1)
+    for step in range(1, min(int(steps.max()), bits) + 1):
+        sel = steps >= step  # (D,)
+        h = hist[:, sel]  # (L, d, K)
+        merged = h.reshape(*h.shape[:-1], k // 2, 2).sum(-1)  # (L, d, K/2)
+        hist[:, sel] = torch.cat((merged, torch.zeros_like(merged)), dim=-1)
+    # More than log2(K) doublings put every old count in bin 0 at any larger range: restart the range.
+    restart = steps > bits
+    grown = hi * torch.pow(2.0, steps.to(hi.dtype))
+    return torch.where(restart, need * (1 + 1e-6), grown)
+
+
+def _bin_index(values: Tensor, hi: Tensor, k: int) -> Tensor:
+    """Bin of each value ``(..., D)`` for ranges ``hi`` ``(D,)`` with ``k`` bins."""
+    return (values / hi.clamp(min=_EPS) * k).long().clamp_(0, k - 1)
+
+
+def _top_quantile(hist: Tensor, hi: Tensor, q: float) -> Tensor:
+    """Value above which a fraction ``q`` of each filter's histogram ``(D, K)`` lies, interpolated in-bin."""
+    d, k = hist.shape
+    total = hist.sum(-1)  # (D,)
+    target = (q * total).clamp(min=1.0)
+    above_incl = hist.flip(-1).cumsum(-1)  # (D, K): [j] = count in the top j + 1 bins
+    # j: how many top bins it takes to reach the target; the threshold lies in bin b = K − 1 − j.
+    j = (above_incl < target[:, None]).sum(-1).clamp(max=k - 1)  # (D,)
+    above = torch.where(j > 0, above_incl.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(total))
+    b = k - 1 - j
+    inside = hist.gather(1, b[:, None])[:, 0]
+    frac = ((target - above) / inside.clamp(min=1.0)).clamp(0, 1)
+    return hi / k * (b.to(hi.dtype) + 1 - frac)
+
+
+# ------------------------------------------------------------------------------------------------
+# Templates of METHOD.md section 2 (paper form)
+
+
+def _paper_templates(h: int, w: int, *, device: torch.device) -> Tensor:
+    """Positive templates with τ, ``(h·w, h·w)``: row µ is t⁺(µ) flattened, τ = 0.5/n², β = 4, n = max(h, w)."""
+    n = max(h, w)
+    tau = 0.5 / n**2
+    rows = torch.arange(h, device=device, dtype=torch.float64).repeat_interleave(w)
+    cols = torch.arange(w, device=device, dtype=torch.float64).repeat(h)
+    dist = (rows[:, None] - rows[None, :]).abs() + (cols[:, None] - cols[None, :]).abs()  # (µ, cell)
+    return tau * torch.clamp(1.0 - 4.0 * dist / n, min=-1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The running statistics of one layer
+
+
+def _new_state(d: int, c: int, k_parts: int, hw: int, *, top_k: int, quantile_bins: int, mis_bins: int,
+               device: torch.device) -> dict[str, Tensor]:
+    f64 = dict(dtype=torch.float64, device=device)
+    return {
+        "n": torch.zeros((), **f64),
+        "class_count": torch.zeros(c, **f64),
+        "active": torch.zeros(d, **f64),
+        "class_peak_sum": torch.zeros(c, d, **f64),
+        "peak_sum": torch.zeros(d, **f64),
+        "peak_sq_sum": torch.zeros(d, **f64),
+        "peak_cross": torch.zeros(d, d, **f64),
+        "map_cross": torch.zeros(d, d, **f64),
+        "map_pairs": torch.zeros(d, d, **f64),
+        "spatial_entropy_sum": torch.zeros(d, **f64),  # Σ peak · H_norm
+        "lse_T": torch.full((d, hw + 1), -math.inf, **f64),  # log Σ_x exp(tr(x·T))
+        "lse_count": torch.zeros((), **f64),
+        "w_sum": torch.zeros(d, **f64),
+        "inter_entropy_sum": torch.zeros(d, **f64),
+        "mi_spatial_sum": torch.zeros(d, **f64),
+        "cell_hist": torch.zeros(1, d, quantile_bins, **f64),
+        "cell_hi": torch.zeros(d, **f64),
+        "mis_hist": torch.zeros(c, d, mis_bins, **f64),
+        "mis_hi": torch.zeros(d, **f64),
+        "part_hits": torch.zeros(c, d, k_parts, **f64),
+        "part_present": torch.zeros(c, k_parts, **f64),
+        "top_value": torch.full((d, top_k), -math.inf, **f64),
+        "top_index": torch.full((d, top_k), -1, dtype=torch.long, device=device),
+        "top_cell": torch.zeros(d, top_k, dtype=torch.long, device=device),
+    }
+
+
+class _LayerAnalyzer:
+    """Folds one layer's ``(B, D, h, w)`` maps into its running statistics."""
+
+    def __init__(self, *, num_classes: int, silent_threshold: float, top_k: int, quantile: float,
+                 quantile_bins: int, mis_bins: int, iou_threshold: float, estimate_stride: int) -> None:
+        self.c = num_classes
+        self.estimate_stride = estimate_stride
+        self.silent_threshold = silent_threshold
+        self.top_k = top_k
+        self.quantile = quantile
+        self.quantile_bins = quantile_bins
+        self.mis_bins = mis_bins
+        self.iou_threshold = iou_threshold
+        self.state: dict[str, Tensor] | None = None
+        self.templates: Tensor | None = None
+        self.templates_f32: Tensor | None = None
+        self.map_size: tuple[int, int] | None = None
+        self.peaks: list[Tensor] = []  # (B, D) per batch, CPU
+        self.cells: list[Tensor] = []  # (B, D) flat peak cell per batch, CPU
+
+    @torch.no_grad()
+    def update(self, out: Tensor, labels: Tensor, index: Tensor, part_masks: dict | None) -> None:
+        b, d, h, w = out.shape
+        hw = h * w
+        dev = out.device
+        if self.state is None:
+            k_parts = 0 if part_masks is None else part_masks["area"].shape[1]
+            self.state = _new_state(d, self.c, k_parts, hw, top_k=self.top_k, quantile_bins=self.quantile_bins,
+                                    mis_bins=self.mis_bins, device=dev)
+            self.templates = _paper_templates(h, w, device=dev)
+            self.templates_f32 = self.templates.t().float().contiguous()  # (cell, µ)
+            self.map_size = (h, w)
+        st = self.state
+        # Everything below is batched over (B, D, P) in float32 on the maps' device; only (D,)-, (C, D)- and
+        # (D, D)-sized results are accumulated in float64. Kept to a few passes over the maps: the whole
+        # analysis must cost little more than the forward pass (analysis/bench_analyze.py).
+        x = out.detach().float().clamp(min=0).reshape(b, d, hw)  # (B, D, P)
+        peak, cell = x.max(dim=-1)  # (B, D); first cell on ties
+        self.peaks.append(peak.cpu())
+        self.cells.append(cell.cpu())
+        peak64 = peak.double()
+        onehot = F.one_hot(labels, self.c).double()  # (B, C)
+
+        st["n"] += b
+        st["class_count"] += onehot.sum(0)
+        st["active"] += (peak > self.silent_threshold).sum(0)
+        st["class_peak_sum"] += onehot.t() @ peak64
+        st["peak_sum"] += peak64.sum(0)
+        st["peak_sq_sum"] += (peak64**2).sum(0)
+        st["peak_cross"] += peak64.t() @ peak64
+
+        mass = x.sum(-1)  # (B, D)
+        mean = mass / hw
+        # The estimates below use every `estimate_stride`-th image of the batch (a fixed subsample):
+        # the map correlation, the paper's template terms and the cell-value histogram of the part
+        # quantile. Their (B, D, P)-sized passes would otherwise dominate the hooks' cost.
+        sub = slice(None, None, self.estimate_stride)
+        xs, ms, ps = x[sub], mean[sub], peak[sub]
+        # Spatial maps standardised per image: their cross products summed over images and cells give
+        # Σ_images corr(map_i, map_j), counted only where both maps vary.
+        var = (torch.linalg.vector_norm(xs, dim=-1) ** 2 - ms * ms * hw).clamp(min=0)  # Σ (x − mean)²
+        varies = var > (1e-6 * ps) ** 2 * hw
+        scale = torch.where(varies, var.clamp(min=1e-30).rsqrt(), torch.zeros_like(var))
+        z = torch.addcmul((-ms * scale)[..., None], xs, scale[..., None])  # (b, D, P): unit norm per map, or 0
+        st["map_cross"] += torch.einsum("bdp,bep->de", z, z).double()
+        vf = varies.float()
+        st["map_pairs"] += (vf.t() @ vf).double()
+
+        # Entropy of p = x / Σx: log Σx − Σ x log x / Σx, normalised by log P.
+        xlogx = torch.special.xlogy(x, x).sum(-1)
+        ent = torch.where(mass > 0, torch.log(mass.clamp(min=1e-30)) - xlogx / mass.clamp(min=1e-30),
+                          torch.zeros_like(mass)) / max(math.log(hw), _EPS)
+        st["spatial_entropy_sum"] += (peak64 * ent.clamp(0, 1).double()).sum(0)
+
+        self._mutual_information_terms(xs, mass[sub])
+        self._histograms(xs, ps, mean, labels)
+        if part_masks is not None:
+            self._parts(x, part_masks, onehot, h, w)
+
+        # Streaming top-k of (peak, image index) per filter.
+        vals = torch.cat((st["top_value"], peak64.t()), dim=1)  # (D, k + B)
+        idx = torch.cat((st["top_index"], index.to(dev).long()[None, :].expand(d, b)), dim=1)
+        cells = torch.cat((st["top_cell"], cell.t()), dim=1)
+        top = vals.topk(min(self.top_k, vals.shape[1]), dim=1)
+        st["top_value"] = top.values
+        st["top_index"] = idx.gather(1, top.indices)
+        st["top_cell"] = cells.gather(1, top.indices)
+
+    def _mutual_information_terms(self, x: Tensor, mass: Tensor) -> None:
+        st = self.state
+        b, d, hw = x.shape
+        tau = 0.5 / max(self.map_size) ** 2
+        s_pos = x @ self.templates_f32  # (B, D, P): tr(x·T_µ)
+        s_neg = -tau * mass  # (B, D): tr(x·T⁻)
+        # Running log Σ_x exp(tr(x·T)) over all images so far (max-shifted), T⁻ in the last column.
+        m_pos = s_pos.amax(0)  # (D, P)
+        lse_pos = m_pos + torch.log(torch.exp(s_pos - m_pos).sum(0))
+        lse_neg = torch.logsumexp(s_neg, dim=0)
+        st["lse_T"] = torch.logaddexp(st["lse_T"], torch.cat((lse_pos, lse_neg[:, None]), 1).double())
+        st["lse_count"] += b
+        log_mean = (st["lse_T"] - torch.log(st["lse_count"])).float()  # (D, P + 1): log E_x exp(tr(x·T))
+        const = math.log(hw + 1)  # uniform prior over the n² + 1 templates
+        logq = s_pos - (log_mean[:, :hw] + const)  # (B, D, P): log p(T_µ)·p(x|T_µ)·N
+        top = logq.amax(-1)  # (B, D)
+        e = torch.exp(logq - top[..., None])
+        se = e.sum(-1)
+        log_pos = top + torch.log(se)  # log p(T⁺, x)·N
+        h_pos = log_pos - (e * logq).sum(-1) / se  # H(T⁺ | X = x) = log Σe^l − Σ q·l
+        log_neg = s_neg - (log_mean[:, hw] + const)
+        log_w = torch.logaddexp(log_pos, log_neg)  # log p(x)·N
+        post_pos = torch.exp(log_pos - log_w)
+        post_neg = torch.exp(log_neg - log_w)
+        h_inter = -(torch.special.xlogy(post_pos, post_pos) + torch.special.xlogy(post_neg, post_neg))
+        w = torch.exp(log_w).double()
+        st["w_sum"] += w.sum(0)
+        st["inter_entropy_sum"] += (w * h_inter.double()).sum(0)
+        st["mi_spatial_sum"] += (w * (post_pos * h_pos).double()).sum(0)
+
+    def _histograms(self, x: Tensor, peak: Tensor, mean_act: Tensor, labels: Tensor) -> None:
+        st = self.state
+        b, d, hw = x.shape
+        ar = torch.arange(d, device=x.device)
+        k = self.quantile_bins
+        st["cell_hi"] = _grow_histogram(st["cell_hist"], st["cell_hi"], peak.amax(0).double())
+        per_unit = (k / st["cell_hi"].clamp(min=_EPS)).float()  # (D,)
+        bins = (x * per_unit[:, None]).long().clamp_(max=k - 1) + (ar * k)[:, None]  # (B, D, P), x ≥ 0
+        st["cell_hist"] += torch.bincount(bins.reshape(-1), minlength=d * k).reshape(1, d, k).double()
+
+        km = self.mis_bins
+        st["mis_hi"] = _grow_histogram(st["mis_hist"], st["mis_hi"], mean_act.amax(0).double())
+        mb = _bin_index(mean_act.double(), st["mis_hi"], km)  # (B, D)
+        flat = ((labels[:, None] * d + ar) * km + mb).reshape(-1)
+        st["mis_hist"] += torch.bincount(flat, minlength=self.c * d * km).reshape(self.c, d, km).double()
+
+    def _parts(self, x: Tensor, parts: Mapping[str, Any], onehot: Tensor, h: int, w: int) -> None:
+        st = self.state
+        thr = _top_quantile(st["cell_hist"][0], st["cell_hi"], self.quantile).float()  # (D,)
+        region = (x > thr[None, :, None]).float()  # (B, D, P)
+        frac = parts["pooled"](h, w)  # (B, K, P): the part's share of each cell
+        cell_area = parts["size"] / (h * w)
+        inter = torch.bmm(region, frac.transpose(1, 2)) * cell_area  # (B, D, K)
+        area_r = region.sum(-1) * cell_area  # (B, D)
+        area_p = parts["area"]  # (B, K)
+        union = area_r[:, :, None] + area_p[:, None, :] - inter
+        present = area_p > 0
+        hit = (inter / union.clamp(min=_EPS) > self.iou_threshold) & present[:, None, :]  # (B, D, K)
+        st["part_hits"] += torch.einsum("bc,bdk->cdk", onehot, hit.double())
+        st["part_present"] += onehot.t() @ present.double()
+
+
+def _part_context(part_masks: Tensor | None, device: torch.device) -> dict[str, Any] | None:
+    """Per batch, the part masks' areas and (lazily, once per grid size) their share of each map cell."""
+    if part_masks is None or part_masks.shape[1] == 0:
+        return None
+    masks = part_masks.to(device)
+    cache: dict[tuple[int, int], Tensor] = {}
+
+    def pooled(h: int, w: int) -> Tensor:
+        if (h, w) not in cache:
+            cache[(h, w)] = F.adaptive_avg_pool2d(masks.float(), (h, w)).flatten(2)  # (B, K, P)
+        return cache[(h, w)]
+
+    return {"pooled": pooled, "size": masks.shape[-2] * masks.shape[-1], "area": masks.sum((2, 3)).float()}
+
+
+def _rebin(hist: Tensor, hi_from: Tensor, hi_to: Tensor) -> Tensor:
+    """Move the counts of ``hist`` ``(L, D, K)`` from ranges ``hi_from`` to ``hi_to`` ``(D,)`` by bin centre."""
+    k = hist.shape[-1]
+    centre = (torch.arange(k, dtype=hi_from.dtype) + 0.5)[None, :] * hi_from[:, None] / k  # (D, K)
+    target = _bin_index(centre, hi_to[:, None].expand_as(centre), k)  # (D, K)
+    out = torch.zeros_like(hist)
+    out.scatter_add_(-1, target[None].expand_as(hist), hist)
+    return out
+
+
+def merge_states(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Return the running statistics of two disjoint parts of a dataset, combined (for all-reduce)."""
+    out = dict(a)
+    for key in a:
+        if key in ("top_index", "top_cell", "cell_hi", "mis_hi", "cell_hist", "mis_hist"):
+            continue
+        if key in _LSE_KEYS:
+            out[key] = torch.logaddexp(a[key], b[key])
+        elif key == "top_value":
+            vals = torch.cat((a["top_value"], b["top_value"]), 1)
+            top = vals.topk(a["top_value"].shape[1], dim=1)
+            out["top_value"] = top.values
+            out["top_index"] = torch.cat((a["top_index"], b["top_index"]), 1).gather(1, top.indices)
+            out["top_cell"] = torch.cat((a["top_cell"], b["top_cell"]), 1).gather(1, top.indices)
+        else:
+            out[key] = a[key] + b[key]
+    for hist, hi in (("cell_hist", "cell_hi"), ("mis_hist", "mis_hi")):
+        # Both sides grow to the larger range; bins align exactly when both started from the same scale
+        # (a power-of-two ratio), otherwise b's counts move to the bin of their centre (approximate).
+        top = torch.maximum(a[hi], b[hi])
+        ha, hb = a[hist].clone(), b[hist].clone()
+        hia = _grow_histogram(ha, a[hi].clone(), top)
+        hib = _grow_histogram(hb, b[hi].clone(), hia)
+        out[hist], out[hi] = ha + _rebin(hb, hib, hia), hia
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The pass
+
+
+def analyze(
+    model: nn.Module,
+    loader: Iterable[dict],
+    *,
+    layers: Sequence[str] | None = None,
+    filter_category: Mapping[str, Tensor] | None = None,
+    classes: Sequence[str],
+    landmark_names: Sequence[str] = (),
+    image_size: int,
+    device: str | torch.device = "cpu",
+    silent_threshold: float = 1e-6,
+    silent_fraction: float = 0.01,
+    redundancy_threshold: float = 0.8,
+    top_k: int = 8,
+    instability_top_k: int = 100,
+    part_quantile: float = 0.005,
+    iou_threshold: float = 0.2,
+    quantile_bins: int = 256,
+    mis_bins: int = 32,
+    estimate_stride: int = 4,
+    stats_threads: int | None = 1,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Return the per-filter analysis of ``layers`` over one pass of ``loader`` (see the module docstring).
+
+    Args:
+        model: the classifier; forward hooks read the analysed modules' ``(B, D, h, w)`` outputs.
+        loader: yields dict batches with ``image``, ``label``, ``index`` (dataset indices, for the
+            gallery), and optionally ``landmarks``/``visible`` (instability) and ``part_masks``.
+        layers: module names; default: every ``InterpretableMask`` of the model (a baseline's masks pass
+            the raw maps through, so ICNN and baseline are measured at the same place).
+        filter_category: per layer ``(D,)`` long categories (the masks' ``.category``); missing layers
+            use the class with the largest mean peak.
+        classes: class names indexed by label. landmark_names: names indexed like ``landmarks``.
+        image_size: ``S`` of the square inputs (geometry and the instability's diagonal ``S·√2``).
+        device: where the forward pass and the statistics live.
+        silent_threshold, silent_fraction: a filter is silent when its peak exceeds ``silent_threshold``
+            on fewer than ``silent_fraction`` of the images.
+        redundancy_threshold: edge of the redundancy graph on ``min(peak, map correlation)``.
+        top_k: images kept per filter for the gallery. instability_top_k: the paper's 100.
+        part_quantile, iou_threshold: METHOD.md section 6 (0.5%, 0.2).
+        quantile_bins, mis_bins: resolution of the streaming histograms.
+        estimate_stride: every ``estimate_stride``-th image of each batch enters the map correlation,
+            the two template terms (H(T′|X), the spatial term) and the part quantile's histogram; 1: every
+            image. Every other measure uses every image.
+        stats_threads: CPU threads for the hooks' statistics (CPU maps only; ``None``: the current
+            setting). The ops are many and small, and on a busy machine their parallel regions cost more
+            than they save: on the shared 2-core box one thread took the pass from 0.54× to 0.80× of plain
+            inference with 2 threads.
+        progress: show a tqdm bar.
+
+    Returns:
+        ``{"summary", "filters"}`` as in the schema, plus ``"matrices"`` (per layer ``peak_correlation``,
+        ``map_correlation`` ``(D, D)`` float64 CPU tensors, ``order`` (filters ordered by cluster)) and
+        ``"state"`` (the running statistics, for :func:`merge_states`).
+    """
+    from icnn_compress.mask import InterpretableMask
+
+    device = torch.device(device)
+    modules = dict(model.named_modules())
+    if layers is None:
+        layers = [name for name, m in modules.items() if isinstance(m, InterpretableMask)]
+        if not layers:
+            raise ValueError("the model has no InterpretableMask; pass layers=[...] with conv module names")
+    layers = list(layers)
+    for name in layers:
+        if name not in modules:
+            raise ValueError(f"model has no module named {name!r}; pass names from model.named_modules()")
+    filter_category = dict(filter_category or {})
+    geometry = {name: layer_geometry(model, name, image_size=image_size) for name in layers}
+    analyzers = {
+        name: _LayerAnalyzer(num_classes=len(classes), silent_threshold=silent_threshold, top_k=top_k,
+                             quantile=part_quantile, quantile_bins=quantile_bins, mis_bins=mis_bins,
+                             iou_threshold=iou_threshold, estimate_stride=estimate_stride)
+        for name in layers
+    }
+    current: dict[str, Any] = {}
+
+    def hook_for(name: str):
+        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            if not isinstance(output, Tensor) or output.dim() != 4:
+                shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+                raise ValueError(f"layer {name!r} outputs {shape}, not a (B, D, h, w) map")
+            if stats_threads is None or output.device.type != "cpu":
+                analyzers[name].update(output, current["labels"], current["index"], current["part_masks"])
+                return
+            threads = torch.get_num_threads()
+            torch.set_num_threads(stats_threads)
+            try:
+                analyzers[name].update(output, current["labels"], current["index"], current["part_masks"])
+            finally:
+                torch.set_num_threads(threads)
+        return hook
+
+    handles = [modules[name].register_forward_hook(hook_for(name)) for name in layers]
+    was_training = model.training
+    model.to(device).eval()
+    labels_all, landmarks_all, visible_all, correct = [], [], [], 0
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc="analyze", disable=not progress, leave=False):
+                labels = torch.as_tensor(batch["label"]).long().to(device, non_blocking=True)
+                current["labels"] = labels
+                current["index"] = torch.as_tensor(batch["index"]).long()
+                current["part_masks"] = _part_context(batch.get("part_masks"), device)
+                logits = model(batch["image"].to(device, non_blocking=True))
+                if isinstance(logits, (tuple, list)):
+                    logits = logits[0]
+                correct += int((logits.argmax(1) == labels).sum())
+                labels_all.append(labels.cpu())
+                if "landmarks" in batch:
+                    landmarks_all.append(torch.as_tensor(batch["landmarks"]).float())
+                    visible_all.append(torch.as_tensor(batch["visible"]).bool())
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not labels_all:
+        raise ValueError("the loader yielded no batch; check the dataset split")
+    label = torch.cat(labels_all)
+    lm = torch.cat(landmarks_all) if landmarks_all else None
+    vis = torch.cat(visible_all) if visible_all else None
+
+    settings = dict(silent_threshold=silent_threshold, silent_fraction=silent_fraction,
+                    redundancy_threshold=redundancy_threshold, top_k=top_k, instability_top_k=instability_top_k,
+                    part_quantile=part_quantile, iou_threshold=iou_threshold, quantile_bins=quantile_bins,
+                    mis_bins=mis_bins, estimate_stride=estimate_stride)
+    summary: dict[str, Any] = {
+        "num_images": int(label.numel()), "accuracy": 100.0 * correct / label.numel(),
+        "classes": list(classes), "landmark_names": list(landmark_names), "image_size": image_size,
+        "settings": settings, "layers": {},
+    }
+    filters: list[dict[str, Any]] = []
+    matrices: dict[str, dict[str, Any]] = {}
+    states: dict[str, dict[str, Tensor]] = {}
+    for name in layers:
+        an = analyzers[name]
+        if an.state is None:
+            raise ValueError(f"layer {name!r} is never called by the model's forward pass")
+        cat = filter_category.get(name)
+        layer_summary, layer_filters, mats = _finish_layer(
+            name, an, geometry[name], category=None if cat is None else torch.as_tensor(cat).long().cpu(),
+            label=label, landmarks=lm, visible=vis, classes=classes, landmark_names=landmark_names,
+            image_size=image_size, settings=settings)
+        summary["layers"][name] = layer_summary
+        filters += layer_filters
+        matrices[name] = mats
+        states[name] = {k: v.cpu() for k, v in an.state.items()}
+    return {"summary": summary, "filters": filters, "matrices": matrices, "state": states}
+
+
+def _finish_layer(name: str, an: _LayerAnalyzer, geometry: LayerGeometry, *, category: Tensor | None,
+                  label: Tensor, landmarks: Tensor | None, visible: Tensor | None, classes: Sequence[str],
+                  landmark_names: Sequence[str], image_size: int, settings: dict) -> tuple[dict, list, dict]:
+    st = {k: v.cpu() for k, v in an.state.items()}
+    n = st["n"]
+    d = st["active"].shape[0]
+    h, w = an.map_size
+    nan = float("nan")
+
+    rate = st["active"] / n
+    silent = rate < settings["silent_fraction"]
+    class_mean = st["class_peak_sum"] / st["class_count"].clamp(min=1)[:, None]  # (C, D)
+    class_mean = torch.where(st["class_count"][:, None] > 0, class_mean, torch.zeros_like(class_mean))
+    if category is None:
+        category = class_mean.argmax(0)
+    if category.shape != (d,):
+        raise ValueError(f"filter_category[{name!r}] has shape {tuple(category.shape)}, expected ({d},)")
+    total = class_mean.sum(0)
+    own = class_mean.gather(0, category.clamp(min=0)[None])[0]
+    exclusivity = torch.where((total > 0) & (category >= 0), own / total.clamp(min=_EPS), torch.full_like(total, nan))
+    peak_mass = st["peak_sum"]
+    spatial = torch.where(peak_mass > 0, st["spatial_entropy_sum"] / peak_mass.clamp(min=_EPS), torch.full_like(total, nan))
+    inter = st["inter_entropy_sum"] / st["w_sum"].clamp(min=_EPS)
+    mi_spatial = st["mi_spatial_sum"] / st["w_sum"].clamp(min=_EPS)
+
+    peak_corr = _pearson(st["peak_sum"], st["peak_sq_sum"], st["peak_cross"], n)
+    map_corr = torch.where(st["map_pairs"] > 0, st["map_cross"] / st["map_pairs"].clamp(min=1), torch.full_like(peak_corr, nan))
+    map_corr.fill_diagonal_(1.0)
+    redundancy = torch.minimum(peak_corr, map_corr).nan_to_num(nan=-1.0)
+    redundancy.fill_diagonal_(-1.0)
+    redundancy[silent] = -1.0
+    redundancy[:, silent] = -1.0
+    score = (exclusivity.nan_to_num(0.0) - spatial.nan_to_num(1.0))
+    cluster_id, clusters = _clusters(redundancy >= settings["redundancy_threshold"], score)
+    best = {c["best"] for c in clusters}
+    order = [i for c in clusters for i in c["members"]]
+    order += [i for i in range(d) if cluster_id[i] < 0]
+    closest_value, closest = redundancy.max(dim=1)
+
+    mis, mis_class = _mis(st["mis_hist"], st["class_count"])
+
+    inst_f = torch.full((d,), nan, dtype=torch.float64)
+    inst_fk = torch.full((d, len(landmark_names)), nan, dtype=torch.float64)
+    tracked = torch.full((d,), -1, dtype=torch.long)
+    inst_mean = None
+    if landmarks is not None and len(landmark_names):
+        cell = torch.cat(an.cells)  # (N, D)
+        idx = torch.stack((cell // w, cell % w), dim=-1)
+        xy = geometry.cell_centres(idx.double())
+        measured = location_instability(torch.cat(an.peaks).double(), xy, landmarks, visible,
+                                        image_diagonal=image_size * math.sqrt(2.0),
+                                        top_k=settings["instability_top_k"], filter_category=category, labels=label)
+        inst_f, inst_fk, tracked = measured.per_filter, measured.per_filter_landmark, measured.tracked_landmark
+        inst_mean = _finite(measured.mean)
+
+    k_parts = st["part_hits"].shape[-1]
+    part_score = torch.full((d,), nan, dtype=torch.float64)
+    best_part = torch.full((d,), -1, dtype=torch.long)
+    threshold = _top_quantile(st["cell_hist"][0], st["cell_hi"], settings["part_quantile"])
+    if k_parts:
+        cat_idx = category.clamp(min=0)
+        hits = st["part_hits"][cat_idx, torch.arange(d)]  # (D, K)
+        present = st["part_present"][cat_idx]  # (D, K)
+        frac = torch.where(present > 0, hits / present.clamp(min=1), torch.full_like(hits, nan))
+        part_score = frac.nan_to_num(-1.0).amax(1)
+        best_part = frac.nan_to_num(-1.0).argmax(1)
+        part_score = torch.where(part_score >= 0, part_score, torch.full_like(part_score, nan))
+
+    names = list(landmark_names)
+    records = []
+    top_xy = geometry.cell_centres(torch.stack((st["top_cell"] // w, st["top_cell"] % w), -1).double()).tolist()
+    top_index, top_value = st["top_index"].tolist(), st["top_value"].tolist()
+    for f in range(d):
+        tops = [{"index": i, "value": v, "x": xy[0], "y": xy[1]}
+                for i, v, xy in zip(top_index[f], top_value[f], top_xy[f]) if i >= 0]
+        c = int(category[f])
+        records.append({
+            "layer": name, "filter": f, "category": c, "category_name": classes[c] if 0 <= c < len(classes) else None,
+            "activation_rate": float(rate[f]), "silent": bool(silent[f]),
+            "mean_peak": float(peak_mass[f] / n),
+            "exclusivity": _finite(exclusivity[f]), "inter_category_entropy": _finite(inter[f]),
+            "mi_spatial_entropy": _finite(mi_spatial[f]), "spatial_entropy": _finite(spatial[f]),
+            "mis": _finite(mis[f]), "mis_class": int(mis_class[f]),
+            "cluster": int(cluster_id[f]), "cluster_best": f in best,
+            "max_redundancy": _finite(closest_value[f]) if d > 1 else None,
+            "redundant_with": int(closest[f]) if d > 1 else None,
+            "location_instability": _finite(inst_f[f]),
+            "instability_per_landmark": {names[k]: _finite(inst_fk[f, k]) for k in range(inst_fk.shape[1])},
+            "tracked_landmark": names[int(tracked[f])] if int(tracked[f]) >= 0 else None,
+            "part_interpretability": _finite(part_score[f]),
+            "best_part": names[int(best_part[f])] if 0 <= int(best_part[f]) < len(names) else None,
+            "top_images": tops,
+        })
+
+    alive = ~silent
+    summary = {
+        "num_filters": d, "map_size": [h, w],
+        "geometry": {"offset": list(geometry.offset), "stride": list(geometry.stride),
+                     "receptive_field": list(geometry.size) if geometry.size else None},
+        "num_silent": int(silent.sum()),
+        "mean_activation_rate": _finite(rate.mean()),
+        "mean_exclusivity": _nanmean(exclusivity[alive]),
+        "mean_spatial_entropy": _nanmean(spatial[alive]),
+        "mean_inter_category_entropy": _nanmean(inter[alive]),
+        "mean_mi_spatial_entropy": _nanmean(mi_spatial[alive]),
+        "mean_mis": _nanmean(mis[alive]),
+        "location_instability": inst_mean,
+        "instability_per_landmark": {names[k]: _nanmean(inst_fk[:, k]) for k in range(inst_fk.shape[1])},
+        "part_interpretability": _nanmean(part_score[alive]) if k_parts else None,
+        "part_threshold_quantile": settings["part_quantile"],
+        "category_histogram": category_histogram(category, classes),
+        "landmark_tracking": landmark_histogram(tracked, names) if names else {},
+        "clusters": [c for c in clusters if len(c["members"]) > 1],
+        "num_redundant": sum(len(c["members"]) - 1 for c in clusters),
+    }
+    mats = {"peak_correlation": peak_corr, "map_correlation": map_corr, "order": torch.tensor(order, dtype=torch.long),
+            "part_threshold": threshold}
+    return summary, records, mats
+
+
+def _pearson(s: Tensor, sq: Tensor, cross: Tensor, n: Tensor) -> Tensor:
+    """Pearson correlation ``(D, D)`` from Σx, Σx², Σxxᵀ over ``n`` samples; NaN for a constant filter."""
+    mean = s / n
+    cov = cross / n - mean[:, None] * mean[None, :]
+    var = (sq / n - mean**2).clamp(min=0)
+    std = var.sqrt()
+    denom = std[:, None] * std[None, :]
+    ok = denom > 1e-12 * (mean.abs()[:, None] * mean.abs()[None, :]).clamp(min=1e-30) + 1e-30
+    return torch.where(ok, (cov / denom.clamp(min=1e-300)).clamp(-1, 1), torch.full_like(cov, float("nan")))
+
+
+def _clusters(adjacent: Tensor, score: Tensor) -> tuple[list[int], list[dict]]:
+    """Connected components of ``adjacent`` ``(D, D)``; each with its members and best member by ``score``."""
+    d = adjacent.shape[0]
+    parent = list(range(d))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in (adjacent | adjacent.t()).nonzero().tolist():
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    groups: dict[int, list[int]] = {}
+    for i in range(d):
+        groups.setdefault(find(i), []).append(i)
+    cluster_id = [-1] * d
+    clusters = []
+    for members in sorted(groups.values(), key=lambda m: (-len(m), m[0])):
+        if len(members) < 2:
+            continue
+        best = max(members, key=lambda i: (float(score[i]), -i))
+        for i in members:
+            cluster_id[i] = len(clusters)
+        clusters.append({"members": members, "best": best})
+    return cluster_id, clusters
+
+
+def _mis(hist: Tensor, class_count: Tensor) -> tuple[Tensor, Tensor]:
+    """Plug-in MI (nats) of the binned mean activation with each one-vs-rest label; max over classes."""
+    n = hist.sum(dim=(0, 2))[0].clamp(min=1) if hist.numel() else torch.ones(())
+    total = hist.sum(0)  # (D, K)
+    pb = total / n
+    mi = []
+    for c in range(hist.shape[0]):
+        py1 = class_count[c] / n
+        terms = torch.zeros_like(pb[:, 0])
+        for joint, py in ((hist[c] / n, py1), ((total - hist[c]) / n, 1 - py1)):
+            ratio = joint / (pb * py).clamp(min=1e-300)
+            terms = terms + torch.where(joint > 0, joint * torch.log(ratio.clamp(min=1e-300)), torch.zeros_like(joint)).sum(-1)
+        mi.append(terms)
+    mi_t = torch.stack(mi)  # (C, D)
+    value, cls = mi_t.max(0)
+    return value, cls
+
+
+def _finite(v: float | Tensor) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _nanmean(t: Tensor) -> float | None:
+    t = t[torch.isfinite(t)]
+    return float(t.mean()) if t.numel() else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs
+
+_CSV_FIELDS = ["layer", "filter", "category", "category_name", "activation_rate", "silent", "mean_peak",
+               "exclusivity", "inter_category_entropy", "mi_spatial_entropy", "spatial_entropy", "mis",
+               "mis_class", "cluster", "cluster_best", "max_redundancy", "redundant_with", "location_instability",
+               "tracked_landmark", "part_interpretability", "best_part"]
+
+
+def write_analysis(result: Mapping[str, Any], out: str | Path) -> Path:
+    """Write ``analysis.json``, ``filters.csv`` and ``matrices.pt`` (correlations, cluster order) into ``out``."""
+    from icnn_compress.checkpoint import atomic_save, atomic_write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"summary": result["summary"], "filters": result["filters"]}
+    atomic_write_text(out / "analysis.json", json.dumps(doc, indent=1, allow_nan=False))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for row in result["filters"]:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in _CSV_FIELDS})
+    atomic_write_text(out / "filters.csv", buf.getvalue())
+    atomic_save({"matrices": result["matrices"]}, out / "matrices.pt")
+    return out / "analysis.json"
+
+
+def write_gallery(result: Mapping[str, Any], dataset: Any, out: str | Path, *, thumb: int = 48) -> dict[str, Path]:
+    """Write ``gallery/<layer>.jpg``: one row per filter of its top images, cropped to the peak's field, peak marked.
+
+    The second pass reads only the top images (``dataset[index]``), un-normalised with the dataset's
+    ``mean``/``std`` when it has them. Returns the written file per layer.
+    """
+    from PIL import Image, ImageDraw
+
+    out = Path(out) / "gallery"
+    out.mkdir(parents=True, exist_ok=True)
+    mean = torch.tensor(getattr(dataset, "mean", (0.0, 0.0, 0.0)), dtype=torch.float32)[:, None, None]
+    std = torch.tensor(getattr(dataset, "std", (1.0, 1.0, 1.0)), dtype=torch.float32)[:, None, None]
+    cache: dict[int, Image.Image] = {}
+
+    def image(i: int) -> Image.Image:
+        if i not in cache:
+            x = dataset[i]["image"].float() * std + mean  # (3, S, S) in [0, 1]
+            arr = (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            cache[i] = Image.fromarray(arr)
+        return cache[i]
+
+    written = {}
+    k = result["summary"]["settings"]["top_k"]
+    label_w = 40
+    for name, layer in result["summary"]["layers"].items():
+        rows = [f for f in result["filters"] if f["layer"] == name]
+        rf = layer["geometry"].get("receptive_field") or [result["summary"]["image_size"]] * 2
+        half = max(4, int(max(rf)) // 2)
+        sheet = Image.new("RGB", (label_w + k * (thumb + 2), len(rows) * (thumb + 2)), "white")
+        draw_sheet = ImageDraw.Draw(sheet)
+        for r, f in enumerate(rows):
+            y0 = r * (thumb + 2)
+            draw_sheet.text((2, y0 + thumb // 2 - 5), str(f["filter"]), fill="black")
+            for j, top in enumerate(f["top_images"][:k]):
+                img = image(top["index"])
+                cx, cy = top["x"], top["y"]
+                box = (int(cx - half), int(cy - half), int(cx + half), int(cy + half))
+                crop = Image.new("RGB", (box[2] - box[0], box[3] - box[1]), (128, 128, 128))
+                crop.paste(img, (-box[0], -box[1]))
+                crop = crop.resize((thumb, thumb), Image.BILINEAR)
+                dr = ImageDraw.Draw(crop)
+                px = (cx - box[0]) * thumb / (box[2] - box[0])
+                py = (cy - box[1]) * thumb / (box[3] - box[1])
+                dr.ellipse((px - 3, py - 3, px + 3, py + 3), outline=(255, 0, 0), width=2)
+                sheet.paste(crop, (label_w + j * (thumb + 2), y0))
+        # JPEG: a sheet of photo crops is 10x smaller than as PNG, and the report embeds it.
+        path = out / f"{_safe(name)}.jpg"
+        sheet.save(path, quality=85)
+        written[name] = path
+    return written
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name) or "model"
+
+
+def analyze_run(
+    run: str | Path,
+    *,
+    out: str | Path,
+    data_root: str | Path | None = None,
+    split: str = "test",
+    layers: Sequence[str] | None = None,
+    device: str | torch.device = "auto",
+    batch_size: int | None = None,
+    seed: int = 0,
+    gallery: bool = True,
+    progress: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """Analyse a run directory's ``model.pt`` on a split of its dataset; write the outputs into ``out``.
+
+    Writes ``analysis.json``, ``filters.csv``, ``matrices.pt`` and (``gallery``) ``gallery/<layer>.jpg``.
+    Plots and ``report.html`` are the report stage's (:func:`icnn_compress.report.render_analysis`).
+    The loader is shuffled with ``seed`` so that the streaming estimates (``Z_T``, the part quantile)
+    see every class from the first batches. ``options`` go to :func:`analyze`.
+    """
+    from dataclasses import replace
+
+    from torch.utils.data import DataLoader
+
+    from icnn_compress.config import recipe_from_dict
+    from icnn_compress.data.recipe import open_split
+    from icnn_compress.mask import InterpretableMask
+    from icnn_compress.train import load_run_model, resolve_device
+
+    dev = resolve_device(str(device))
+    model, saved = load_run_model(run, device=dev)
+    recipe = recipe_from_dict(saved["recipe"], source=f"{run}/model.pt")
+    data_cfg = recipe.data if data_root is None else replace(recipe.data, root=str(data_root), generate=None)
+    dataset = open_split(data_cfg, split, progress=progress)
+    if list(dataset.classes) != list(saved["classes"]):
+        raise ValueError(f"the dataset's classes {dataset.classes[:5]}... are not the model's {saved['classes'][:5]}...")
+    layers = list(layers) if layers else list(saved["architecture"]["masks"])
+    categories = {}
+    for name in layers:
+        m = model.get_submodule(name)
+        if isinstance(m, InterpretableMask):
+            categories[name] = m.category
+    loader = DataLoader(dataset, batch_size=batch_size or recipe.train.eval_batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed), num_workers=recipe.data.num_workers)
+    result = analyze(model, loader, layers=layers, filter_category=categories, classes=dataset.classes,
+                     landmark_names=dataset.landmark_names, image_size=dataset.image_size, device=dev,
+                     progress=progress, **options)
+    result["summary"].update(run=str(run), arm=saved.get("arm"), split=split)
+    write_analysis(result, out)
+    if gallery:
+        write_gallery(result, dataset, out)
+    return result

@@ -1,0 +1,51 @@
+"""Attribution baselines: the ICNN's own filter maps and Captum's methods on the same measures.
+
+Users choosing between "make the filters interpretable" (Zhang, Wu, Zhu, CVPR 2018,
+https://arxiv.org/abs/1710.00935) and "explain the unchanged model after the fact" (Captum,
+https://captum.ai) need both judged on the same images: part localisation against landmarks (pointing
+game, peak-distance spread), faithfulness (deletion / insertion AUC, Captum's ``infidelity`` and
+``sensitivity_max``), and time per image. :func:`compare_run` does it for a run and its baseline and
+writes ``compare.json``, ``compare.md`` and ``compare.png``; :func:`compare_html_section` puts them in a
+report.
+"""
+
+from ._compare import DEFAULT_METHODS, Comparison, compare, compare_run
+from ._explainers import EXPLAINERS, REFERENCE_EXPLAINERS, Explainer, IcnnMaps, build_explainers
+from ._measures import (
+    conductance_exclusivity,
+    curve_auc,
+    map_peaks,
+    peak_distance_spread,
+    perturbation_curves,
+    pixel_ranks,
+    pointing_game,
+    upsample_to_input,
+)
+from ._present import compare_html_section, format_compare_table, plot_grid
+from ._settings import TARGETS, CompareError, CompareSettings
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "EXPLAINERS",
+    "REFERENCE_EXPLAINERS",
+    "TARGETS",
+    "CompareError",
+    "CompareSettings",
+    "Comparison",
+    "Explainer",
+    "IcnnMaps",
+    "build_explainers",
+    "compare",
+    "compare_html_section",
+    "compare_run",
+    "conductance_exclusivity",
+    "curve_auc",
+    "format_compare_table",
+    "map_peaks",
+    "peak_distance_spread",
+    "perturbation_curves",
+    "pixel_ranks",
+    "plot_grid",
+    "pointing_game",
+    "upsample_to_input",
+]

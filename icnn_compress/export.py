@@ -1,0 +1,276 @@
+"""ONNX export with the mask layers in the graph, a parity check in ONNX Runtime, and int8 quantisation.
+
+The model (masks included: their argmax / centroid and rounding are ordinary ONNX ops) goes through
+torch's current exporter (``torch.onnx.export(..., dynamo=True)``) with a dynamic batch axis into one
+self-contained file, which ``onnx.checker`` checks in full. ONNX Runtime then runs it on real images of
+the run's dataset at batch 1 and 8 against PyTorch; a difference above the tolerance is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import atomic_write_text
+from .errors import ICNNError
+
+__all__ = ["ExportError", "ParityError", "export_onnx", "onnx_accuracy", "ort_session", "providers"]
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+PARITY_BATCHES = (1, 8)
+
+
+class ExportError(ICNNError):
+    """The model could not be exported, checked or quantised."""
+
+
+class ParityError(ExportError):
+    """ONNX Runtime's outputs differ from PyTorch's by more than the tolerance."""
+
+
+def providers() -> list[str]:
+    """ONNX Runtime execution providers: CUDA first when a GPU is present and onnxruntime has it, then CPU."""
+    import onnxruntime as ort
+
+    chosen = ["CPUExecutionProvider"]
+    if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+        chosen.insert(0, "CUDAExecutionProvider")
+    return chosen
+
+
+def ort_session(path: str | Path, *, provider: Sequence[str] | None = None, threads: int | None = None):
+    """An ``onnxruntime.InferenceSession`` on ``path``; fp32 kernels stay fp32 on CUDA (no TF32)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    chosen = list(provider or providers())
+    with_options: list[Any] = [(p, {"use_tf32": 0}) if p == "CUDAExecutionProvider" else p for p in chosen]
+    return ort.InferenceSession(str(path), options, providers=with_options)
+
+
+def _load(run_or_model: str | Path | nn.Module, data_root: str | Path | None):
+    """(model on CPU in eval mode, saved record or None, test split or None, train split or None)."""
+    if isinstance(run_or_model, nn.Module):
+        return run_or_model.cpu().eval(), None, None, None
+    from .config import recipe_from_dict
+    from .data.recipe import open_split
+    from .train import load_run_model
+
+    model, saved = load_run_model(run_or_model, device="cpu")
+    recipe = recipe_from_dict(saved["recipe"], source=f"{run_or_model}/model.pt")
+    data = recipe.data if data_root is None else replace(recipe.data, root=str(data_root), generate=None)
+    test = open_split(data, "test", progress=False)
+    return model, saved, test, (lambda: open_split(data, "train", progress=False))
+
+
+def _images(dataset, count: int, *, start: int = 0) -> Tensor:
+    """``count`` images (N, 3, S, S) from ``dataset``, from index ``start`` on (cycling when it is short)."""
+    n = len(dataset)
+    return torch.stack([dataset[(start + i) % n]["image"] for i in range(count)]).float()
+
+
+def _batches(dataset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for begin in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(begin, min(begin + batch_size, len(dataset)))]
+        yield (torch.stack([it["image"] for it in items]).float().numpy(),
+               np.asarray([int(it["label"]) for it in items]))
+
+
+def onnx_accuracy(session, dataset, *, batch_size: int = 64) -> float:
+    """Top-1 accuracy (%) of an ONNX Runtime session over ``dataset``."""
+    correct = total = 0
+    name = session.get_inputs()[0].name
+    for images, labels in _batches(dataset, batch_size):
+        logits = session.run(None, {name: images})[0]
+        correct += int((logits.argmax(1) == labels).sum())
+        total += len(labels)
+    return 100.0 * correct / max(total, 1)
+
+
+def _export(model: nn.Module, example: Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},), optimize=True, verbose=False,
+        )
+        program.save(str(path), external_data=False)
+    except Exception as exc:  # the exporter raises many types; the user needs the cause and the model
+        raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {exc}") from exc
+
+
+def _check(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{path} fails onnx.checker's full check: {exc}") from exc
+
+
+def _parity(model: nn.Module, session, images: Tensor, batches: Sequence[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    name = session.get_inputs()[0].name
+    for b in batches:
+        x = images[:b]
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = session.run(None, {name: x.numpy()})[0]
+        if got.shape != ref.shape:
+            raise ParityError(f"ONNX Runtime returns shape {got.shape} at batch {b}, PyTorch {ref.shape}")
+        out[str(b)] = {
+            "max_abs_diff": float(np.abs(got - ref).max()),
+            "max_abs_output": float(np.abs(ref).max()),
+            "argmax_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
+        }
+    return out
+
+
+def _calibration_reader(input_name: str, images: Tensor, batch_size: int = 16):
+    """An onnxruntime ``CalibrationDataReader`` over ``images`` (N, 3, S, S) in batches."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.chunks = [images[i:i + batch_size].numpy() for i in range(0, len(images), batch_size)]
+            self.pos = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self.pos >= len(self.chunks):
+                return None
+            self.pos += 1
+            return {input_name: self.chunks[self.pos - 1]}
+
+        def rewind(self) -> None:
+            self.pos = 0
+
+    return Reader()
+
+
+def _quantize_int8(fp32: Path, int8: Path, images: Tensor) -> None:
+    """Static QDQ int8, per-channel weights, MinMax calibration on ``images``.
+
+    Only Conv, Gemm and MatMul are quantised: the masks' peak search (argmax or centroid and rounding,
+    gathers on the coordinate grid) stays in float, where int8 rounding would move the peaks.
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    reader = _calibration_reader(INPUT_NAME, images)
+    prepared = int8.with_name(int8.stem + ".prep.onnx")
+    try:
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(int8), reader, quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["Conv", "Gemm", "MatMul"], per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    except Exception as exc:
+        raise ExportError(f"int8 quantisation of {fp32} failed: {exc}") from exc
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+def export_onnx(
+    run_or_model: str | Path | nn.Module,
+    out: str | Path,
+    *,
+    quantize: str | None = None,
+    calibration: int = 256,
+    data_root: str | Path | None = None,
+    inputs: Tensor | None = None,
+    tolerance: float = 1e-4,
+    parity_json: str | Path | None = None,
+) -> dict[str, Any]:
+    """Export a run's model (or a model) to ONNX at ``out``, check it, prove parity; return the ``parity.json`` record.
+
+    Args:
+        run_or_model: a run directory / ``model.pt`` (pruned or not), or an ``nn.Module`` with ``inputs``.
+        out: the ``.onnx`` file (one file, weights inside). int8 goes next to it as ``<stem>.int8.onnx``.
+        quantize: ``None`` or ``"int8"`` (static QDQ, per-channel weights, calibrated on real images).
+        calibration: number of training images for the int8 calibration.
+        data_root: the dataset folder when it moved since training (default: the run's ``data.root``).
+        inputs: the images for the parity check (and calibration) when ``run_or_model`` is a module;
+            for a run, the first 8 test images are used.
+        tolerance: largest allowed max-abs difference of fp32 logits, at batch 1 and batch 8.
+        parity_json: where the record goes (default ``parity.json`` next to ``out``).
+
+    Raises:
+        ParityError: ONNX Runtime differs from PyTorch by more than ``tolerance`` (after writing parity.json).
+        ExportError: the export, the checker or the quantisation failed.
+    """
+    if quantize not in (None, "int8"):
+        raise ExportError(f"quantize must be None or 'int8', got {quantize!r}")
+    out = Path(out)
+    began = time.perf_counter()
+    model, saved, test, train = _load(run_or_model, data_root)
+    if test is not None:
+        images = _images(test, max(PARITY_BATCHES))
+        source = "test split, images 0-7"
+    elif inputs is not None:
+        images = inputs.float().cpu()
+        if len(images) < max(PARITY_BATCHES):
+            images = images.repeat((max(PARITY_BATCHES) + len(images) - 1) // len(images), 1, 1, 1)
+        source = "given inputs"
+    else:
+        raise ExportError("export_onnx(model) needs inputs=(N, 3, S, S) images for the parity check")
+    _export(model, images[:2], out)
+    _check(out)
+    chosen = providers()
+    session = ort_session(out, provider=chosen)
+    parity = _parity(model, session, images, PARITY_BATCHES)
+    worst = max(parity.values(), key=lambda r: r["max_abs_diff"])
+    passed = worst["max_abs_diff"] <= tolerance
+    record: dict[str, Any] = {
+        "onnx": str(out),
+        "bytes": out.stat().st_size,
+        "providers": session.get_providers(),
+        "inputs": source,
+        "tolerance": tolerance,
+        "parity": parity,
+        "passed": passed,
+        "pruned_macs_ratio": ((saved or {}).get("pruning") or {}).get("macs_ratio"),
+        "torch": torch.__version__,
+    }
+    json_path = Path(parity_json) if parity_json else out.with_name("parity.json")
+    if passed and quantize == "int8":
+        if train is not None:
+            calib = _images(train(), calibration)
+        else:
+            calib = images if inputs is None else inputs.float().cpu()
+        int8 = out.with_name(out.stem + ".int8.onnx")
+        _quantize_int8(out, int8, calib)
+        q_session = ort_session(int8, provider=chosen)
+        q_parity = _parity(model, q_session, images, PARITY_BATCHES)
+        quant: dict[str, Any] = {"onnx": str(int8), "bytes": int8.stat().st_size, "calibration_images": len(calib),
+                                 "format": "QDQ, per-channel int8 weights, int8 activations (MinMax)",
+                                 "parity": q_parity}
+        if test is not None:
+            acc32 = onnx_accuracy(session, test)
+            acc8 = onnx_accuracy(q_session, test)
+            quant.update(accuracy_fp32=acc32, accuracy_int8=acc8, accuracy_change=acc8 - acc32,
+                         accuracy_split="test")
+        record["int8"] = quant
+    record["seconds"] = time.perf_counter() - began
+    atomic_write_text(json_path, json.dumps(record, indent=1))
+    if not passed:
+        b = max(parity, key=lambda k: parity[k]["max_abs_diff"])
+        raise ParityError(
+            f"ONNX Runtime ({record['providers'][0]}) differs from PyTorch by {worst['max_abs_diff']:.3g} "
+            f"(max abs logit difference at batch {b}; tolerance {tolerance:g}); see {json_path}"
+        )
+    return record

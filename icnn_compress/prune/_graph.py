@@ -1,0 +1,199 @@
+"""The pruning driver on torch-pruning's dependency graph, and the replay of a saved pruning history."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from icnn_compress.mask import InterpretableMask
+
+from ._importance import ICNNImportance, MaskPruner
+from ._scores import PruningError
+
+__all__ = ["HISTORY_FORMAT", "apply_pruning_history", "classifier_layer", "count_macs", "prune_model"]
+
+log = logging.getLogger(__name__)
+
+HISTORY_FORMAT = "icnn-prune/1"
+
+
+def classifier_layer(model: nn.Module) -> nn.Module:
+    """The layer that produces the logits: the last Linear (or, without one, the last conv) registered."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    layers = layers or [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    if not layers:
+        raise PruningError("the model has no Linear or conv layer to prune")
+    return layers[-1]
+
+
+def count_macs(model: nn.Module, example_inputs: Tensor) -> tuple[int, int]:
+    """(MACs, parameters) of one forward of ``example_inputs``, by ``tp.utils.count_ops_and_params``.
+
+    The masks are not counted (torch-pruning counts known layers only); they cost element-wise work.
+    """
+    was_training = model.training
+    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    model.train(was_training)
+    return int(macs), int(params)
+
+
+class _Pruner(tp.pruner.BasePruner):
+    """BasePruner with ``round_to`` rounding to the NEAREST multiple, as its documentation says.
+
+    torch-pruning 1.6 rounds the kept channels down, which makes uniform iterative pruning jump (a
+    32-channel layer goes 24 → 16 when the schedule asks for 23) and overshoot the MACs target by a
+    wide margin. Nearest rounding keeps at least ``round_to`` channels and never more than the layer has.
+    """
+
+    def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+        kept = current_channels - n_pruned
+        kept = max(round_to, int(kept / round_to + 0.5) * round_to)
+        return max(current_channels - kept, 0)
+
+
+def _graph_kwargs(mask_pruner: MaskPruner) -> dict[str, Any]:
+    return {"customized_pruners": {InterpretableMask: mask_pruner}}
+
+
+def _channels(model: nn.Module) -> dict[str, int]:
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            out[name] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            out[name] = m.out_features
+        elif isinstance(m, InterpretableMask):
+            out[name] = m.num_filters
+    return out
+
+
+def prune_model(
+    model: nn.Module,
+    *,
+    example_inputs: Tensor,
+    importance: tp.importance.Importance,
+    mask_pruner: MaskPruner,
+    target_macs: float = 0.5,
+    round_to: int | None = 8,
+    floor: float = 0.25,
+    steps: int = 32,
+    ignored_layers: Sequence[nn.Module] = (),
+    before_step: Callable[[nn.Module], None] | None = None,
+) -> dict[str, Any]:
+    """Prune ``model`` in place until its MACs are at most ``target_macs`` × the original; return the history.
+
+    Built on ``tp.pruner.BasePruner``: local pruning (every dependency group loses the same fraction of
+    its channels), iterative (``steps`` linear steps up to ``1 − floor``; importance is re-estimated
+    before every step, MACs measured after it, and pruning stops at the first step that meets the
+    target), channel counts rounded to ``round_to``, the classifier's outputs never pruned.
+
+    Args:
+        example_inputs: one input batch for tracing and for counting MACs, e.g. ``zeros(1, 3, S, S)``.
+        importance: a torch-pruning Importance (see :func:`make_importance`).
+        mask_pruner: the :class:`MaskPruner` that prunes the masks' per-channel state (the same instance
+            the importance reads, for the icnn criterion).
+        floor: no layer keeps fewer than this fraction of its channels (before the rounding to
+            ``round_to``, which may round a layer down further; a group that would be emptied is skipped).
+        before_step: called with the model before each step (e.g. a backward for Taylor importance).
+
+    Returns:
+        A plain-data history (``weights_only``-loadable): ``format``, ``steps`` (torch-pruning's pruning
+        history: ``[root layer, is output pruning, [indices]]`` in order), ``example_input_shape``,
+        ``macs``/``params`` before and after, ``macs_ratio``, ``channels`` ``{layer: [before, after]}``
+        and ``kept`` ``{mask layer: [original index of each remaining filter]}``.
+
+    Raises:
+        PruningError: the floor stops pruning before the MACs target is met.
+    """
+    if not 0.0 < target_macs <= 1.0:
+        raise PruningError(f"target_macs is a ratio of the original MACs in (0, 1], got {target_macs}")
+    if not 0.0 < floor < 1.0:
+        raise PruningError(f"floor is the fraction of each layer's channels always kept, in (0, 1), got {floor}")
+    if isinstance(importance, ICNNImportance):
+        importance.check_model(model)
+    was_training = model.training
+    model.eval()
+    before_channels = _channels(model)
+    base_macs, base_params = count_macs(model, example_inputs)
+    ignored = [classifier_layer(model), *ignored_layers]
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Unwrapped parameters.*")
+        pruner = _Pruner(
+            model,
+            example_inputs,
+            importance=importance,
+            pruning_ratio=1.0 - floor,
+            max_pruning_ratio=1.0 - floor,
+            iterative_steps=steps,
+            ignored_layers=ignored,
+            round_to=round_to,
+            **_graph_kwargs(mask_pruner),
+        )
+    # BasePruner traces in eval mode and leaves it; mask modules stay in the graph (a custom layer).
+    macs, params = base_macs, base_params
+    done = 0
+    for done in range(1, steps + 1):
+        if before_step is not None:
+            before_step(model)
+        pruner.step()
+        macs, params = count_macs(model, example_inputs)
+        log.info("pruning step %d/%d: MACs %.3f of the original", done, steps, macs / base_macs)
+        if macs <= target_macs * base_macs:
+            break
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    if macs > target_macs * base_macs:
+        raise PruningError(
+            f"pruning reached {macs / base_macs:.3f} of the original MACs with every layer at its floor "
+            f"({floor:.0%} of its channels); the target {target_macs} needs a lower floor (--floor)"
+        )
+    after_channels = _channels(model)
+    names = {m: n for n, m in model.named_modules()}
+    return {
+        "format": HISTORY_FORMAT,
+        "steps": [[str(n), bool(out), [int(i) for i in idxs]] for n, out, idxs in pruner.pruning_history()],
+        "iterations": done,
+        "example_input_shape": list(example_inputs.shape),
+        "target_macs": float(target_macs),
+        "round_to": round_to,
+        "floor": float(floor),
+        "base_macs": base_macs,
+        "macs": macs,
+        "macs_ratio": macs / base_macs,
+        "base_params": base_params,
+        "params": params,
+        "channels": {n: [before_channels[n], after_channels.get(n, 0)] for n in before_channels},
+        "kept": {names[m]: mask_pruner.original_index(m).tolist() for m in model.modules()
+                 if isinstance(m, InterpretableMask)},
+    }
+
+
+def apply_pruning_history(model: nn.Module, history: Mapping[str, Any]) -> nn.Module:
+    """Replay a saved pruning ``history`` (from :func:`prune_model`) on a freshly built model; return it.
+
+    Rebuilds torch-pruning's dependency graph on ``model`` (as built from the run's architecture record)
+    and redoes every recorded group pruning (``DependencyGraph.load_pruning_history``), so the model has
+    the pruned shapes and its ``state_dict`` can be loaded.
+    """
+    if history.get("format") != HISTORY_FORMAT:
+        raise PruningError(f"pruning history format {history.get('format')!r} is not {HISTORY_FORMAT!r}; "
+                           "use the icnn-compress version that wrote the model file")
+    was_training = model.training
+    example = torch.zeros(*history["example_input_shape"])
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Unwrapped parameters.*")
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                      **_graph_kwargs(MaskPruner()))
+        try:
+            graph.load_pruning_history([(n, bool(o), list(i)) for n, o, i in history["steps"]])
+        except (AttributeError, AssertionError, ValueError, IndexError) as exc:
+            raise PruningError(f"the pruning history does not fit this model ({exc}): was the model file "
+                               "edited or written for another architecture?") from exc
+    model.train(was_training)
+    return model

@@ -1,0 +1,188 @@
+"""Pruning criteria as torch-pruning ``Importance`` objects, and the pruner of the mask layer's channels.
+
+Every criterion scores the channels of one dependency group (channels that must go together: a conv's
+outputs, its BatchNorm, the mask on them, the next conv's inputs, a residual stream's every member);
+the pruner (``tp.pruner.BasePruner``) removes the lowest-scored ones. Scores only need to be comparable
+within a group: pruning is local, every group loses the same fraction of channels per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from icnn_compress.mask import InterpretableMask
+
+from ._scores import FilterScores, PruningError, icnn_layer_scores
+
+__all__ = ["CRITERIA", "ICNNImportance", "MaskPruner", "RawFPGMImportance", "make_importance"]
+
+CRITERIA = ("icnn", "l1", "fpgm", "taylor", "random")
+
+_OUT = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
+
+
+class MaskPruner(tp.pruner.BasePruningFunc):
+    """torch-pruning's pruner for :class:`InterpretableMask`: a channel-preserving (element-wise) layer.
+
+    ``prune_in_channels is prune_out_channels`` makes the mask pass its channels through in the dependency
+    graph (torch-pruning's intra-layer dependency), so the mask is pruned with the conv that feeds it and
+    the conv that reads it. Its per-channel state goes with the channels: ``beta`` ``(D,)`` and
+    ``class_peak`` ``(C, D)``; ``class_seen`` and ``class_freq`` are per class and stay.
+
+    It also remembers, for every mask it pruned, which channels of the mask as first seen remain
+    (:meth:`original_index`): the analysis numbers filters in the unpruned model.
+    """
+
+    TARGET_MODULES = InterpretableMask
+
+    def __init__(self) -> None:
+        super().__init__(pruning_dim=0)
+        self._origin: dict[InterpretableMask, Tensor] = {}
+
+    def original_index(self, layer: InterpretableMask) -> Tensor:
+        """The first-seen channel index of each current channel of ``layer``, ``(D,)`` long on the CPU."""
+        if layer not in self._origin:
+            self._origin[layer] = torch.arange(layer.num_filters)
+        return self._origin[layer]
+
+    def prune_out_channels(self, layer: InterpretableMask, idxs: Sequence[int]) -> InterpretableMask:
+        drop = set(int(i) for i in idxs)
+        keep = [i for i in range(layer.num_filters) if i not in drop]
+        origin = self.original_index(layer)
+        keep_t = torch.tensor(keep, dtype=torch.long, device=layer.beta.device)
+        # Assigning a tensor to a registered buffer's name replaces the buffer (nn.Module.__setattr__).
+        layer.beta = layer.beta.index_select(0, keep_t).contiguous()
+        layer.class_peak = layer.class_peak.index_select(1, keep_t).contiguous()  # (C, D')
+        self._origin[layer] = origin[torch.tensor(keep, dtype=torch.long)]
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: InterpretableMask) -> int:
+        return layer.num_filters
+
+    get_in_channels = get_out_channels
+
+
+def _scatter_max(target: Tensor, root_idxs: Sequence[int], values: Tensor) -> Tensor:
+    index = torch.as_tensor(list(root_idxs), dtype=torch.long)
+    return target.scatter_reduce(0, index, values.to(target.dtype), reduce="amax")
+
+
+class ICNNImportance(tp.importance.Importance):
+    """The interpretability criterion: silent filters first, then redundant twins, then the least exclusive.
+
+    Args:
+        scores: ``{mask layer name: [FilterScores, ...]}`` from :func:`load_filter_scores`.
+        mask_pruner: the :class:`MaskPruner` given to the pruner, which tracks the analysed numbering of
+            already pruned masks (iterative pruning re-scores the remaining channels at each step).
+        fallback: criterion for groups without an analysed mask; default group L1 magnitude, the same
+            as the ``l1`` criterion, so ``icnn`` and ``l1`` differ only where there is an analysis.
+
+    A group's score per channel is the MAXIMUM over the analysed masks in the group of their per-filter
+    score (:func:`icnn_layer_scores`): a channel goes only if it is weak in every analysed layer it is
+    coupled to (in a residual stream, the stream's channel is one filter of every coupled layer). The
+    magnitudes of the group's convs are deliberately not mixed in: where the analysis speaks, a silent
+    or duplicated filter goes even when its weights are large. Groups with no analysed mask (the
+    network below the masked layers, the classifier's hidden layers) use ``fallback``.
+    """
+
+    def __init__(
+        self,
+        scores: Mapping[str, Sequence[FilterScores]],
+        mask_pruner: MaskPruner,
+        fallback: tp.importance.Importance | None = None,
+    ) -> None:
+        self.layer_scores = {name: icnn_layer_scores(recs) for name, recs in scores.items()}
+        self.mask_pruner = mask_pruner
+        self.fallback = fallback or tp.importance.MagnitudeImportance(p=1)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise PruningError when the analysis names a layer the model lacks or counts its filters differently."""
+        masks = {n: m for n, m in model.named_modules() if isinstance(m, InterpretableMask)}
+        for name, s in self.layer_scores.items():
+            if name not in masks:
+                raise PruningError(f"the analysis describes layer {name!r}, which the model does not have "
+                                   f"(its masks: {sorted(masks)}); analyse this run's model.pt")
+            if masks[name].num_filters != len(s) and masks[name] not in self.mask_pruner._origin:
+                raise PruningError(f"the analysis has {len(s)} filters in {name!r} but the model has "
+                                   f"{masks[name].num_filters}: analyse this run's model.pt")
+
+    @torch.no_grad()
+    def __call__(self, group) -> Tensor | None:
+        names = group._DG._module2name
+        n = len(group[0].idxs)
+        best: Tensor | None = None
+        for item in group:
+            layer = item.dep.target.module
+            if not isinstance(layer, InterpretableMask):
+                continue
+            scores = self.layer_scores.get(names.get(layer, ""))
+            if scores is None:
+                continue
+            origin = self.mask_pruner.original_index(layer)
+            local = scores[origin[torch.as_tensor(list(item.idxs), dtype=torch.long)]]
+            start = torch.full((n,), -torch.inf, dtype=torch.float64) if best is None else best
+            best = _scatter_max(start, item.root_idxs, local)
+        if best is None:
+            return self.fallback(group)
+        return best.float()
+
+
+class RawFPGMImportance(tp.importance.FPGMImportance):
+    """FPGM (He et al., CVPR 2019, https://arxiv.org/abs/1811.00250) on the raw filter weights.
+
+    A filter close to the geometric median of its layer's filters is replaceable by the others: its
+    importance is the sum of Euclidean distances ``Σ_j ‖w_i − w_j‖₂`` between the flattened raw weights
+    (torch-pruning's FPGMImportance takes ``|w|^p`` first, which is not the paper's). Only the layers that
+    own the filters (conv / linear outputs) are scored, averaged over the group's coupled layers.
+    """
+
+    @torch.no_grad()
+    def __call__(self, group, **kwargs) -> Tensor | None:
+        imps, roots = [], []
+        for item in group:
+            layer, fn = item.dep.target.module, item.dep.handler
+            if fn not in _OUT or not isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)):
+                continue
+            w = layer.weight.data
+            w = w.transpose(0, 1) if getattr(layer, "transposed", False) else w
+            w = w[list(item.idxs)].flatten(1).float()  # (n, k)
+            imps.append(torch.cdist(w[None], w[None], p=2)[0].sum(0))
+            roots.append(item.root_idxs)
+        if not imps:
+            return None
+        return self._normalize(self._reduce(imps, roots), self.normalizer)
+
+
+def make_importance(
+    criterion: str,
+    *,
+    mask_pruner: MaskPruner,
+    scores: Mapping[str, Sequence[FilterScores]] | None = None,
+) -> tp.importance.Importance:
+    """Return the torch-pruning Importance for ``criterion`` (one of :data:`CRITERIA`).
+
+    ``l1``: group L1 magnitude (``MagnitudeImportance(p=1)``: the mean over the group's layers of the
+    channel's L1 norm, each layer normalised by its mean); ``fpgm``: :class:`RawFPGMImportance`;
+    ``taylor``: first-order Taylor ``|w·∂L/∂w|`` (needs gradients: the driver runs a backward on a few
+    training batches before each step); ``random``: uniform scores (seeded by the caller);
+    ``icnn``: :class:`ICNNImportance` on ``scores``.
+    """
+    if criterion == "icnn":
+        if not scores:
+            raise PruningError("the icnn criterion needs the analysis of the run (--analysis analysis.json)")
+        return ICNNImportance(scores, mask_pruner)
+    if criterion == "l1":
+        return tp.importance.MagnitudeImportance(p=1)
+    if criterion == "fpgm":
+        return RawFPGMImportance(p=2)
+    if criterion == "taylor":
+        return tp.importance.TaylorImportance()
+    if criterion == "random":
+        return tp.importance.RandomImportance()
+    raise PruningError(f"unknown criterion {criterion!r}: use one of {', '.join(CRITERIA)}")

@@ -1,0 +1,160 @@
+"""``icnn prune``: prune a run's model to a MACs target with one criterion, recover, save a run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from icnn_compress.checkpoint import RunDir, atomic_write_text, save_model_file
+from icnn_compress.config import Recipe, recipe_from_dict
+from icnn_compress.data.recipe import open_split
+from icnn_compress.train import finetune, load_run_model, loader, resolve_device, validate
+
+from ._graph import prune_model
+from ._importance import CRITERIA, MaskPruner, make_importance
+from ._scores import PruningError, load_filter_scores
+
+__all__ = ["prune_run"]
+
+log = logging.getLogger(__name__)
+
+_RESERVED = ("format", "state_dict", "architecture", "classes")
+
+
+def _data(recipe: Recipe, data_root: str | Path | None):
+    return recipe.data if data_root is None else replace(recipe.data, root=str(data_root), generate=None)
+
+
+def _taylor_backward(train_data, device: torch.device, batches: int):
+    """A ``before_step`` that accumulates ∂(cross-entropy)/∂w over ``batches`` training batches (eval mode)."""
+
+    def run(model: nn.Module) -> None:
+        model.eval()  # fixed BatchNorm statistics and no dropout: the gradient of the model being pruned
+        model.zero_grad(set_to_none=True)
+        seen = 0
+        for batch in train_data:
+            images, labels = batch["image"].to(device), batch["label"].to(device)
+            nn.functional.cross_entropy(model(images), labels).backward()
+            seen += 1
+            if seen >= batches:
+                break
+
+    return run
+
+
+def _recovery_recipe(recipe: Recipe, saved: dict, epochs: int) -> Recipe:
+    """The run's recipe with ``train.epochs = epochs`` and κ fixed to the run's measured κ₀ (no new pilot)."""
+    kappa0 = float(saved.get("kappa0") or 0.0)
+    icnn = replace(recipe.icnn, kappa=kappa0) if saved.get("arm", "icnn") == "icnn" else recipe.icnn
+    return replace(recipe, train=replace(recipe.train, epochs=epochs), icnn=icnn)
+
+
+def prune_run(
+    run: str | Path,
+    *,
+    out: str | Path,
+    analysis: str | Path | dict | None = None,
+    target_macs: float = 0.5,
+    criterion: str = "icnn",
+    recover_epochs: int = 0,
+    round_to: int | None = 8,
+    floor: float = 0.25,
+    steps: int = 32,
+    taylor_batches: int = 4,
+    seed: int = 0,
+    data_root: str | Path | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Prune a run's ``model.pt`` to ``target_macs`` × its MACs, optionally recover, and write run directory ``out``.
+
+    ``out`` becomes a run directory like any other (``model.pt`` loads with :func:`load_run_model`, so it
+    can be evaluated, analysed, exported or pruned again) plus ``pruning.json``: the criterion, MACs and
+    parameters before and after, the accuracy of the unpruned, the pruned and the recovered model on the
+    test split, and the pruning history. ``model.pt`` holds the same history under ``"pruning"``.
+
+    Args:
+        run: a run directory (or model file) from ``icnn finetune`` / ``icnn pipeline`` / ``icnn prune``.
+        analysis: the run's ``analysis.json`` (or its folder); required by the ``icnn`` criterion.
+        target_macs: MACs of the pruned model as a fraction of the run's model's.
+        criterion: ``icnn`` | ``l1`` | ``fpgm`` | ``taylor`` | ``random`` (see :func:`make_importance`).
+        recover_epochs: fine-tuning epochs after pruning, with the run's arm (filter loss on for ``icnn``
+            at the run's κ₀) and its recipe otherwise; 0 saves the pruned model as is.
+        round_to, floor, steps: see :func:`prune_model`.
+        taylor_batches: training batches per Taylor gradient estimate.
+        seed: seeds torch (the ``random`` criterion, the Taylor batches' order).
+
+    Returns:
+        The ``pruning.json`` record.
+    """
+    if criterion not in CRITERIA:
+        raise PruningError(f"unknown criterion {criterion!r}: use one of {', '.join(CRITERIA)}")
+    if recover_epochs < 0:
+        raise PruningError(f"recover_epochs must be >= 0, got {recover_epochs}")
+    out_dir = RunDir(Path(out))
+    if out_dir.model_path.exists() or out_dir.last_path.exists():
+        raise PruningError(f"{out_dir.path} already holds a run; choose another --out")
+    began = time.perf_counter()
+    dev = resolve_device(device)
+    model, saved = load_run_model(run, device=dev)
+    if saved.get("pruning"):
+        raise PruningError(f"{run} is already pruned; prune its unpruned parent run (pruning twice is not supported)")
+    recipe = recipe_from_dict(saved["recipe"], source=f"{run}/model.pt")
+    data_cfg = _data(recipe, data_root)
+    test_set = open_split(data_cfg, "test", progress=progress)
+    test = loader(test_set, batch_size=recipe.train.eval_batch_size, shuffle=False, seed=0, workers=0, device=dev)
+    acc_before = validate(model, test, dev, amp=False, channels_last=False)
+
+    torch.manual_seed(seed)
+    mask_pruner = MaskPruner()
+    scores = load_filter_scores(analysis) if criterion == "icnn" else None
+    importance = make_importance(criterion, mask_pruner=mask_pruner, scores=scores)
+    before_step = None
+    if criterion == "taylor":
+        train_set = open_split(data_cfg, "train", progress=progress)
+        train = loader(train_set, batch_size=recipe.train.batch_size, shuffle=True, seed=seed, workers=0, device=dev)
+        before_step = _taylor_backward(train, dev, taylor_batches)
+    size = saved["architecture"]["image_size"]
+    history = prune_model(model, example_inputs=torch.zeros(1, 3, size, size, device=dev), importance=importance,
+                          mask_pruner=mask_pruner, target_macs=target_macs, round_to=round_to, floor=floor,
+                          steps=steps, before_step=before_step)
+    history.update(criterion=criterion, source=str(run), seed=seed,
+                   analysis=str(analysis) if isinstance(analysis, (str, Path)) else None)
+    acc_pruned = validate(model, test, dev, amp=False, channels_last=False)
+    log.info("pruned with %s to %.3f MACs: accuracy %.2f -> %.2f", criterion, history["macs_ratio"], acc_before,
+             acc_pruned)
+
+    acc_recovered = None
+    if recover_epochs > 0:
+        rec = _recovery_recipe(replace(recipe, data=data_cfg), saved, recover_epochs)
+        final = finetune(rec, out_dir.path, arm=saved.get("arm", "icnn"), progress=progress, model=model,
+                         architecture=saved["architecture"], extra={"pruning": history})
+        acc_recovered = float(final["val_acc"])
+    else:
+        extra = {k: v for k, v in saved.items() if k not in _RESERVED}
+        save_model_file(out_dir.ensure().model_path, state_dict=model.state_dict(), architecture=saved["architecture"],
+                        classes=saved["classes"], extra={**extra, "pruning": history})
+    record = {
+        "criterion": criterion,
+        "target_macs": target_macs,
+        "macs_ratio": history["macs_ratio"],
+        "base_macs": history["base_macs"],
+        "macs": history["macs"],
+        "base_params": history["base_params"],
+        "params": history["params"],
+        "accuracy_unpruned": acc_before,
+        "accuracy_pruned": acc_pruned,
+        "accuracy_recovered": acc_recovered,
+        "recover_epochs": recover_epochs,
+        "seconds": time.perf_counter() - began,
+        "history": history,
+    }
+    atomic_write_text(out_dir.path / "pruning.json", json.dumps(record, indent=1))
+    return record

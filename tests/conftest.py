@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny generated parts dataset and a tiny recipe on it (made once per session)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from icnn_compress.config import load_recipe
+from icnn_compress.data.generate import generate_parts_dataset
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.toml"
+
+
+@pytest.fixture(scope="session")
+def tiny_parts(tmp_path_factory) -> Path:
+    """4 classes × 24 train / 8 test images at 64 px, with landmarks and part masks."""
+    root = tmp_path_factory.mktemp("data") / "parts"
+    generate_parts_dataset(root, seed=1, train_per_class=24, test_per_class=8, progress=False)
+    return root
+
+
+@pytest.fixture
+def tiny_recipe(tiny_parts):
+    """The quickstart recipe shrunk to seconds: 1 plain epoch, 2 fine-tuning epochs, a fixed κ."""
+    def make(*extra: str):
+        return load_recipe(QUICKSTART, [
+            f"data.root={tiny_parts}", "data.generate=none", "pretrain.epochs=0", "train.epochs=2",
+            "train.batch_size=16", "train.eval_batch_size=64", "icnn.kappa=1e-3", "model.arch=icnn_compress.zoo:small_cnn",
+            *extra,
+        ])
+    return make

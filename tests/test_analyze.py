@@ -1,0 +1,235 @@
+"""analyze(): hand-built feature maps with known answers, read by a fake model from the batch's index."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from icnn_compress.analyze import (
+    _grow_histogram,
+    _top_quantile,
+    analyze,
+    merge_states,
+    write_analysis,
+)
+
+S, CELL, N, C = 16, 4, 8, 2  # 16-px images, 4x4 maps (cell = 4 px), 8 images, 2 classes
+H = S // CELL
+LABELS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+SPOT = (1, 2)  # (row, col) where filter 0 fires on class 0
+SPOT_XY = (CELL * SPOT[1] + CELL / 2, CELL * SPOT[0] + CELL / 2)  # its cell centre (x, y) = (10, 6)
+
+
+def _maps() -> torch.Tensor:
+    """(N, 5, H, H): 0 one class one spot, 1 = 2 identical, 3 all zero, 4 uniform everywhere."""
+    g = torch.Generator().manual_seed(0)
+    maps = torch.zeros(N, 5, H, H)
+    for i in range(4):
+        maps[i, 0, SPOT[0], SPOT[1]] = 1.0 + i
+    shared = torch.rand(N, H, H, generator=g)
+    maps[:, 1] = shared
+    maps[:, 2] = shared
+    maps[:, 4] = (1.0 + torch.arange(N).float() / N)[:, None, None]
+    return maps
+
+
+class MapModel(nn.Module):
+    """Outputs precomputed maps (through the named module ``layer``) picked by the index in pixel (0, 0, 0).
+
+    Channel 1 of the image (zero in the data, one in the receptive-field probe) is average-pooled and
+    added, so the layer has the geometry of a 4x4 / stride-4 pool: cell (r, c) is centred at 4c + 2, 4r + 2.
+    """
+
+    def __init__(self, maps: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("maps", maps)
+        self.pool = nn.AvgPool2d(CELL, stride=CELL)
+        self.layer = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = x[:, 0, 0, 0].round().long().clamp(0, self.maps.shape[0] - 1)
+        out = self.layer(self.maps[idx] + self.pool(x[:, 1:2]))
+        return out.amax(dim=(2, 3))[:, :C]
+
+
+def _loader(part_masks: bool = True, order=(0, 4, 1, 5, 2, 6, 3, 7), batch_size: int = 4) -> list[dict]:
+    order = torch.tensor(order)
+    image = torch.zeros(N, 3, S, S)
+    image[:, 0, 0, 0] = torch.arange(N).float()
+    landmarks = torch.tensor(SPOT_XY).expand(N, 1, 2).clone()
+    visible = torch.ones(N, 1, dtype=torch.bool)
+    masks = torch.zeros(N, 1, S, S, dtype=torch.bool)
+    masks[:, 0, SPOT[0] * CELL:(SPOT[0] + 1) * CELL, SPOT[1] * CELL:(SPOT[1] + 1) * CELL] = True
+    batches = []
+    for s in range(0, N, batch_size):
+        i = order[s:s + batch_size]
+        b = {"image": image[i], "label": LABELS[i], "index": i, "landmarks": landmarks[i], "visible": visible[i]}
+        if part_masks:
+            b["part_masks"] = masks[i]
+        batches.append(b)
+    return batches
+
+
+def _analyze(loader=None, **kw) -> dict:
+    args = dict(layers=["layer"], classes=["a", "b"], landmark_names=["head"], image_size=S,
+                redundancy_threshold=0.95, part_quantile=0.25, estimate_stride=1)
+    args.update(kw)
+    return analyze(MapModel(_maps()), _loader() if loader is None else loader, **args)
+
+
+@pytest.fixture(scope="module")
+def result() -> dict:
+    return _analyze()
+
+
+def _f(result: dict, i: int) -> dict:
+    return result["filters"][i]
+
+
+def test_one_class_one_spot(result: dict) -> None:
+    f = _f(result, 0)
+    assert f["category"] == 0 and f["category_name"] == "a"
+    assert f["exclusivity"] == pytest.approx(1.0)
+    assert f["location_instability"] == pytest.approx(0.0)
+    assert f["spatial_entropy"] == pytest.approx(0.0, abs=1e-9)
+    assert f["activation_rate"] == pytest.approx(0.5)
+    assert not f["silent"]
+    # Mean activation separates the classes perfectly: MI = H(one-vs-rest label) = log 2.
+    assert f["mis"] == pytest.approx(math.log(2))
+    assert f["part_interpretability"] == pytest.approx(1.0)
+    assert f["best_part"] == "head" and f["tracked_landmark"] == "head"
+    tops = f["top_images"]
+    assert [t["index"] for t in tops[:4]] == [3, 2, 1, 0]
+    assert (tops[0]["x"], tops[0]["y"]) == SPOT_XY
+
+
+def test_identical_filters_form_one_cluster(result: dict) -> None:
+    clusters = result["summary"]["layers"]["layer"]["clusters"]
+    assert [c["members"] for c in clusters] == [[1, 2]]
+    assert clusters[0]["best"] in (1, 2)
+    assert result["summary"]["layers"]["layer"]["num_redundant"] == 1
+    assert _f(result, 1)["cluster"] == _f(result, 2)["cluster"] == 0
+    assert _f(result, 0)["cluster"] == -1
+    mats = result["matrices"]["layer"]
+    assert mats["peak_correlation"][1, 2] == pytest.approx(1.0)
+    assert mats["map_correlation"][1, 2] == pytest.approx(1.0)
+    assert torch.allclose(mats["map_correlation"].nan_to_num(), mats["map_correlation"].t().nan_to_num())
+    assert sorted(mats["order"].tolist()) == list(range(5)) and mats["order"][:2].tolist() == [1, 2]
+
+
+def test_all_zero_filter_is_silent(result: dict) -> None:
+    f = _f(result, 3)
+    assert f["silent"] and f["activation_rate"] == 0.0
+    assert f["exclusivity"] is None and f["spatial_entropy"] is None
+    assert f["mis"] == pytest.approx(0.0)
+    assert f["cluster"] == -1
+    assert result["summary"]["layers"]["layer"]["num_silent"] == 1
+
+
+def test_uniform_filter_has_maximal_spatial_entropy(result: dict) -> None:
+    f = _f(result, 4)
+    assert f["spatial_entropy"] == pytest.approx(1.0)
+    assert f["exclusivity"] < 0.6  # fires on both classes (class-balanced share ≈ 0.5)
+    # The paper's spatial term is also largest for the uniform filter.
+    assert f["mi_spatial_entropy"] >= max(_f(result, i)["mi_spatial_entropy"] for i in (0, 1))
+
+
+def test_summary_and_json(tmp_path, result: dict) -> None:
+    layer = result["summary"]["layers"]["layer"]
+    assert layer["num_filters"] == 5 and layer["map_size"] == [H, H]
+    assert layer["geometry"]["offset"] == [2.0, 2.0] and layer["geometry"]["stride"] == [4.0, 4.0]
+    assert result["summary"]["num_images"] == N
+    write_analysis(result, tmp_path)
+    doc = json.loads((tmp_path / "analysis.json").read_text())
+    assert [(f["layer"], f["filter"]) for f in doc["filters"]] == [("layer", i) for i in range(5)]
+    assert (tmp_path / "filters.csv").read_text().count("\n") == 6
+
+
+def test_given_categories_and_no_parts() -> None:
+    out = _analyze(loader=_loader(part_masks=False), filter_category={"layer": torch.tensor([1, 0, 0, 0, 0])})
+    f = out["filters"][0]
+    assert f["category"] == 1 and f["exclusivity"] == pytest.approx(0.0)
+    assert f["part_interpretability"] is None
+    assert out["summary"]["layers"]["layer"]["part_interpretability"] is None
+
+
+def test_batch_order_does_not_change_sums() -> None:
+    a = _analyze()
+    b = _analyze(loader=_loader(order=tuple(range(N)), batch_size=3))
+    for key in ("exclusivity", "spatial_entropy", "mis", "location_instability", "activation_rate"):
+        assert [f[key] for f in a["filters"]] == pytest.approx([f[key] for f in b["filters"]], nan_ok=True)
+
+
+def test_merge_states_equals_one_pass() -> None:
+    whole = _analyze()["state"]["layer"]
+    first = _analyze(loader=_loader()[:1])["state"]["layer"]
+    second = _analyze(loader=_loader()[1:])["state"]["layer"]
+    merged = merge_states(first, second)
+    for key in ("n", "class_peak_sum", "peak_cross", "map_cross", "spatial_entropy_sum", "part_present"):
+        assert torch.allclose(merged[key], whole[key]), key
+    assert torch.allclose(merged["top_value"], whole["top_value"])
+    assert torch.equal(merged["mis_hist"].sum(-1), whole["mis_hist"].sum(-1))
+
+
+def test_default_layers_are_the_masks() -> None:
+    from icnn_compress.mask import InterpretableMask
+
+    model = MapModel(_maps())
+    model.layer = InterpretableMask(5, num_classes=C, active=False)
+    out = analyze(model, _loader(), classes=["a", "b"], image_size=S)
+    assert list(out["summary"]["layers"]) == ["layer"]
+    with pytest.raises(ValueError, match="InterpretableMask"):
+        analyze(MapModel(_maps()), _loader(), classes=["a", "b"], image_size=S)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(0, 1e4, allow_nan=False), min_size=1, max_size=60), st.integers(2, 6))
+def test_doubling_histogram_keeps_counts_and_orders(values, chunks) -> None:
+    k = 64
+    hist = torch.zeros(1, 1, k, dtype=torch.float64)
+    hi = torch.zeros(1, dtype=torch.float64)
+    v = torch.tensor(values, dtype=torch.float64)
+    for part in v.chunk(chunks):
+        hi = _grow_histogram(hist, hi, part.max()[None])
+        assert float(part.max()) < float(hi) or float(hi) == 0.0
+        idx = (part / hi.clamp(min=1e-12) * k).long().clamp(0, k - 1)
+        hist[0, 0] += torch.bincount(idx, minlength=k).double()
+    assert hist.sum() == len(values)
+    q = float(_top_quantile(hist[0], hi, 0.0))
+    assert q <= float(v.max()) + float(hi) / k + 1e-9
+
+
+def test_subsampled_estimates_leave_the_rest_exact() -> None:
+    exact, strided = _analyze(), _analyze(estimate_stride=3)
+    for key in ("exclusivity", "spatial_entropy", "mis", "location_instability", "activation_rate", "cluster"):
+        assert [f[key] for f in exact["filters"]] == pytest.approx([f[key] for f in strided["filters"]], nan_ok=True)
+
+
+@pytest.mark.slow
+def test_analyze_run_on_a_generated_run(tiny_recipe, tmp_path) -> None:
+    from icnn_compress.checkpoint import save_model_file
+    from icnn_compress.config import recipe_to_dict
+    from icnn_compress.data.recipe import open_split
+    from icnn_compress.train import build_for_recipe
+    from icnn_compress.analyze import analyze_run
+
+    recipe = tiny_recipe()
+    classes = open_split(recipe.data, "test", progress=False).classes
+    model, architecture = build_for_recipe(recipe, arm="icnn", classes=list(classes), image_size=64)
+    save_model_file(tmp_path / "run" / "model.pt", state_dict=model.state_dict(), architecture=architecture,
+                    classes=classes, extra={"recipe": recipe_to_dict(recipe), "arm": "icnn"})
+    out = tmp_path / "analysis"
+    result = analyze_run(tmp_path / "run", out=out, device="cpu", batch_size=8)
+    assert list(result["summary"]["layers"]) == architecture["masks"]
+    assert result["summary"]["num_images"] == 32 and result["summary"]["arm"] == "icnn"
+    doc = json.loads((out / "analysis.json").read_text())
+    assert len(doc["filters"]) == sum(s["num_filters"] for s in doc["summary"]["layers"].values())
+    layer = doc["summary"]["layers"][architecture["masks"][0]]
+    assert layer["part_interpretability"] is not None and layer["location_instability"] is not None
+    assert all((out / "gallery" / f"{n.replace('.', '_')}.jpg").is_file() for n in architecture["masks"])

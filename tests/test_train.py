@@ -1,0 +1,118 @@
+"""The fine-tuning loop on a tiny generated dataset: arms, run directory, resume, guards, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from icnn_compress.checkpoint import atomic_save
+from icnn_compress.errors import CheckpointError, TrainingError
+from icnn_compress.evaluate import evaluate_run
+from icnn_compress.surgery import build_base_model
+from icnn_compress.train import finetune, load_run_model, lr_at, pretrain
+
+
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_icnn_run_writes_a_complete_run_directory(tiny_recipe, tmp_path):
+    run = tmp_path / "icnn"
+    record = finetune(tiny_recipe(), run, arm="icnn", progress=False)
+    assert {p.name for p in run.iterdir()} >= {"model.pt", "last.pt", "metrics.jsonl", "recipe.toml"}
+    records = _records(run)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[1]["kappa"] == pytest.approx(1e-3 / 2)
+    top = records[0]["layers"]["features.14.mask"]
+    assert top["filters"] == 128 and "R" in top and top["R"] > 0 and "neg_mi" in top
+    assert record["epoch"] == 2
+    model, saved = load_run_model(run)
+    assert saved["arm"] == "icnn" and saved["architecture"]["masks"] == ["features.14.mask", "features.14.new_mask"]
+    assert saved["choices"]["peak"] == "centroid"
+    result = evaluate_run(run, json_path=tmp_path / "eval.json", device="cpu")
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert set(written) >= {"accuracy", "location_instability", "split", "num_images"}
+    assert written["split"] == "test" and written["num_images"] == 32
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["location_instability"] >= 0
+
+
+def test_resume_continues_to_the_same_weights_as_one_run(tiny_recipe, tmp_path):
+    straight = tmp_path / "straight"
+    finetune(tiny_recipe(), straight, arm="masks-only", progress=False)
+    split = tmp_path / "split"
+    finetune(tiny_recipe("train.epochs=1"), split, arm="masks-only", progress=False)
+    (split / "model.pt").unlink()  # as if interrupted after epoch 1
+    finetune(tiny_recipe(), split, arm="masks-only", resume=True, progress=False)
+    assert [r["epoch"] for r in _records(split)] == [1, 2]
+    a, _ = load_run_model(straight)
+    b, _ = load_run_model(split)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(va.float(), vb.float(), atol=1e-5), k
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(tiny_recipe, tmp_path):
+    run = tmp_path / "run"
+    finetune(tiny_recipe("train.epochs=1"), run, arm="baseline", progress=False)
+    with pytest.raises(TrainingError, match="pass --resume"):
+        finetune(tiny_recipe(), run, arm="baseline", progress=False)
+    with pytest.raises(TrainingError, match="no last.pt to resume from"):
+        finetune(tiny_recipe(), tmp_path / "empty", arm="baseline", resume=True, progress=False)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_recipe, tmp_path):
+    run = tmp_path / "nan"
+    finetune(tiny_recipe("train.epochs=1"), run, arm="icnn", progress=False)
+    good = torch.load(run / "last.pt", weights_only=True)
+    (run / "model.pt").unlink()
+    with pytest.raises(TrainingError, match=r"NaN or infinite in epoch 2.*last good checkpoint.*epoch 1"):
+        finetune(tiny_recipe("train.lr=1e30", "train.schedule=constant", "icnn.collapse_guard=false"), run,
+                 arm="icnn", resume=True, progress=False)
+    kept = torch.load(run / "last.pt", weights_only=True)
+    assert kept["epoch"] == 1
+    assert all(torch.equal(kept["model"][k], v) for k, v in good["model"].items())
+
+
+def test_checkpoint_for_another_architecture_names_keys_and_fix(tiny_recipe, tmp_path):
+    path = tmp_path / "resnet.pth"
+    atomic_save(build_base_model("resnet18", num_classes=4).state_dict(), path)
+    with pytest.raises(CheckpointError, match="another architecture: check model.arch"):
+        finetune(tiny_recipe(f"model.checkpoint={path}"), tmp_path / "run", progress=False)
+
+
+def test_checkpoint_with_other_class_count_asks_for_reset_head(tiny_recipe, tmp_path):
+    path = tmp_path / "ten.pth"
+    atomic_save(build_base_model("icnn_compress.zoo:small_cnn", num_classes=10).state_dict(), path)
+    with pytest.raises(CheckpointError, match="10 classes but the model has 4.*--reset-head"):
+        finetune(tiny_recipe(f"model.checkpoint={path}"), tmp_path / "run", progress=False)
+
+
+def test_pretrain_writes_a_loadable_plain_state_dict(tiny_recipe, tmp_path):
+    path = pretrain(tiny_recipe("pretrain.epochs=1"), tmp_path / "plain", progress=False)
+    state = torch.load(path, weights_only=True)
+    build_base_model("icnn_compress.zoo:small_cnn", num_classes=4).load_state_dict(state)
+
+
+def test_learning_rate_schedules():
+    assert lr_at(1e-2, 1e-3, "constant", 10, 5, 0.5, 10) == 1e-2
+    assert lr_at(1e-4, 1e-5, "paper", 10, 1, 0.0, 50) == pytest.approx(1e-4)
+    assert lr_at(1e-4, 1e-5, "paper", 10, 10, 0.0, 50) == pytest.approx(1e-5)
+    assert lr_at(1e-4, 1e-5, "paper", 10, 30, 0.0, 50) == pytest.approx(1e-5)
+    assert lr_at(1e-4, 1e-5, "paper", 10, 4, 0.0, 50) == pytest.approx(1e-4 * 10 ** (-3 / 9))
+    assert lr_at(1e-2, 1e-3, "cosine", 10, 1, 0.0, 4) == pytest.approx(1e-2)
+    assert lr_at(1e-2, 1e-3, "cosine", 10, 3, 0.0, 4) == pytest.approx(5.5e-3)
+
+
+@pytest.mark.slow
+def test_collapse_guard_backs_off_from_a_kappa_ten_times_too_large(tiny_recipe, tmp_path):
+    calm = finetune(tiny_recipe("train.epochs=3", "icnn.kappa=auto"), tmp_path / "auto", arm="icnn", progress=False)
+    chosen = torch.load(tmp_path / "auto" / "model.pt", weights_only=True)["kappa0"]
+    run = tmp_path / "hot"
+    record = finetune(tiny_recipe("train.epochs=3", f"icnn.kappa={chosen * 10}"), run, arm="icnn", progress=False)
+    collapses = [r for r in _records(run) if "collapse" in r]
+    assert collapses, "the guard never fired"
+    assert record["kappa0"] < chosen * 10
+    for layer in record["layers"].values():
+        assert layer["dead"] <= 0.5 * layer["filters"]
+    assert record["val_acc"] >= calm["val_acc"] - 15
