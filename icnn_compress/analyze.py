@@ -91,6 +91,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from icnn_compress.distributed import gather_objects, init_distributed, is_distributed, is_main, shard_indices
 from icnn_compress.metrics import category_histogram, landmark_histogram, location_instability
 from icnn_compress.receptive_field import LayerGeometry, layer_geometry
 
@@ -210,6 +211,7 @@ class _LayerAnalyzer:
                  quantile_bins: int, mis_bins: int, iou_threshold: float, estimate_stride: int) -> None:
         self.c = num_classes
         self.estimate_stride = estimate_stride
+        self.nonnegative = False  # set for modules whose output cannot be negative (masks, ReLU)
         self.silent_threshold = silent_threshold
         self.top_k = top_k
         self.quantile = quantile
@@ -239,7 +241,10 @@ class _LayerAnalyzer:
         # Everything below is batched over (B, D, P) in float32 on the maps' device; only (D,)-, (C, D)- and
         # (D, D)-sized results are accumulated in float64. Kept to a few passes over the maps: the whole
         # analysis must cost little more than the forward pass (analysis/bench_analyze.py).
-        x = out.detach().float().clamp(min=0).reshape(b, d, hw)  # (B, D, P)
+        x = out.detach().float()
+        if not self.nonnegative:  # a conv's raw output: measure what the following ReLU passes
+            x = x.clamp(min=0)
+        x = x.reshape(b, d, hw)  # (B, D, P)
         peak, cell = x.max(dim=-1)  # (B, D); first cell on ties
         self.peaks.append(peak.cpu())
         self.cells.append(cell.cpu())
@@ -503,6 +508,8 @@ def analyze(
                 torch.set_num_threads(threads)
         return hook
 
+    for name in layers:
+        analyzers[name].nonnegative = isinstance(modules[name], (InterpretableMask, nn.ReLU))
     handles = [modules[name].register_forward_hook(hook_for(name)) for name in layers]
     was_training = model.training
     model.to(device).eval()
@@ -526,6 +533,8 @@ def analyze(
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    if is_distributed():
+        correct = _gather_ranks(analyzers, labels_all, landmarks_all, visible_all, correct)
     if not labels_all:
         raise ValueError("the loader yielded no batch; check the dataset split")
     label = torch.cat(labels_all)
@@ -558,6 +567,41 @@ def analyze(
         matrices[name] = mats
         states[name] = {k: v.cpu() for k, v in an.state.items()}
     return {"summary": summary, "filters": filters, "matrices": matrices, "state": states}
+
+
+def _gather_ranks(analyzers: Mapping[str, _LayerAnalyzer], labels_all: list, landmarks_all: list,
+                  visible_all: list, correct: int) -> int:
+    """Under torchrun: combine every rank's running statistics and per-image peaks, in place; return ``correct``.
+
+    Each rank analysed its own shard (:func:`analyze_run`). The states fold with :func:`merge_states` in
+    rank order and the per-image lists concatenate in rank order, so every rank ends with the statistics
+    of the whole split. One ``all_gather_object`` (host side; the states are ``O(D²)``, not ``O(N)``, apart
+    from the ``N × D`` peaks the instability needs anyway).
+    """
+    mine = {
+        "states": {n: None if an.state is None else {k: v.cpu() for k, v in an.state.items()}
+                   for n, an in analyzers.items()},
+        "peaks": {n: list(an.peaks) for n, an in analyzers.items()},
+        "cells": {n: list(an.cells) for n, an in analyzers.items()},
+        "map_size": {n: an.map_size for n, an in analyzers.items()},
+        "labels": labels_all, "landmarks": landmarks_all, "visible": visible_all, "correct": correct,
+    }
+    ranks = gather_objects(mine)
+    for name, an in analyzers.items():
+        merged = None
+        for r in ranks:
+            st = r["states"][name]
+            if st is not None:
+                merged = st if merged is None else merge_states(merged, st)
+        if merged is not None:
+            an.state = merged
+            # A rank that saw no batch takes the map size from one that did.
+            an.map_size = an.map_size or next(tuple(r["map_size"][name]) for r in ranks if r["map_size"][name])
+        an.peaks = [p for r in ranks for p in r["peaks"][name]]
+        an.cells = [c for r in ranks for c in r["cells"][name]]
+    for target, key in ((labels_all, "labels"), (landmarks_all, "landmarks"), (visible_all, "visible")):
+        target[:] = [t for r in ranks for t in r[key]]
+    return sum(r["correct"] for r in ranks)
 
 
 def _finish_layer(name: str, an: _LayerAnalyzer, geometry: LayerGeometry, *, category: Tensor | None,
@@ -862,7 +906,7 @@ def analyze_run(
     from icnn_compress.mask import InterpretableMask
     from icnn_compress.train import load_run_model, resolve_device
 
-    dev = resolve_device(str(device))
+    dev = init_distributed(resolve_device(str(device)))  # under torchrun: join the group, cuda:LOCAL_RANK
     model, saved = load_run_model(run, device=dev)
     recipe = recipe_from_dict(saved["recipe"], source=f"{run}/model.pt")
     data_cfg = recipe.data if data_root is None else replace(recipe.data, root=str(data_root), generate=None)
@@ -875,13 +919,23 @@ def analyze_run(
         m = model.get_submodule(name)
         if isinstance(m, InterpretableMask):
             categories[name] = m.category
-    loader = DataLoader(dataset, batch_size=batch_size or recipe.train.eval_batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed), num_workers=recipe.data.num_workers)
+    if is_distributed():
+        # Each rank takes every world-th image of the same seeded order (no padding: each image once);
+        # analyze() merges the ranks' statistics at the end.
+        from torch.utils.data import Subset
+
+        loader = DataLoader(Subset(dataset, shard_indices(len(dataset), shuffle=True, seed=seed)),
+                            batch_size=batch_size or recipe.train.eval_batch_size, shuffle=False,
+                            num_workers=recipe.data.num_workers, pin_memory=dev.type == "cuda")
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size or recipe.train.eval_batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(seed), num_workers=recipe.data.num_workers)
     result = analyze(model, loader, layers=layers, filter_category=categories, classes=dataset.classes,
                      landmark_names=dataset.landmark_names, image_size=dataset.image_size, device=dev,
-                     progress=progress, **options)
+                     progress=progress and is_main(), **options)
     result["summary"].update(run=str(run), arm=saved.get("arm"), split=split)
-    write_analysis(result, out)
-    if gallery:
-        write_gallery(result, dataset, out)
+    if is_main():  # every rank holds the same result; one writes it
+        write_analysis(result, out)
+        if gallery:
+            write_gallery(result, dataset, out)
     return result

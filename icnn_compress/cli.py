@@ -62,6 +62,36 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from .analyze import analyze_run
+    from .report import render_analysis
+
+    result = analyze_run(args.run, out=args.out, data_root=args.data, split=args.split, layers=args.layers,
+                         progress=not args.quiet)
+    page = render_analysis(args.out, baseline=args.baseline)
+    print(json.dumps(result["summary"], indent=2, default=str)[:4000])
+    print(f"report: {page}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    print(f"report: {report(args.analyses, args.out)}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import CompareSettings, compare_run
+
+    result = compare_run(args.run, out=args.out, data_root=args.data, split=args.split,
+                         methods=[m.strip() for m in args.methods.split(",") if m.strip()], limit=args.limit,
+                         baseline_run=args.baseline, layer=args.layer, settings=CompareSettings(target=args.target),
+                         progress=not args.quiet)
+    print(result["table"])
+    return 0
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .train import calibrate
 
@@ -132,6 +162,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "test", "all"])
     p.add_argument("--json", type=Path, default=None, help="write the full result here")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("analyze", help="per-filter exclusivity, spatial entropy, silence, redundancy, instability")
+    p.add_argument("run", type=Path)
+    p.add_argument("--data", type=Path, default=None, help="dataset folder (default: the run's data.root)")
+    p.add_argument("--split", default="test", choices=["train", "test", "all"])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--layers", nargs="+", default=None, help="module names (default: the masked layers)")
+    p.add_argument("--baseline", type=Path, default=None, help="a baseline analysis folder to plot against")
+    p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("report", help="put analyses side by side in one report.html (last = baseline)")
+    p.add_argument("analyses", nargs="+", type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=_cmd_report)
+
+    from .compare import DEFAULT_METHODS, TARGETS
+
+    p = sub.add_parser("compare", help="the ICNN's own maps vs Captum explainers on the same measures")
+    p.add_argument("run", type=Path)
+    p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--split", default="test", choices=["train", "test", "all"])
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    p.add_argument("--baseline", type=Path, default=None, help="baseline run, explained the same way")
+    p.add_argument("--limit", type=int, default=100, help="images to explain")
+    p.add_argument("--layer", default=None, help="default: the model's first mask (top conv)")
+    p.add_argument("--target", default="label", choices=TARGETS, help="explain the true or the predicted class")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("calibrate", help="run the kappa pilot alone and print R and the chosen kappa")
     with_recipe(p)

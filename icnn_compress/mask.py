@@ -55,8 +55,9 @@ def peak_cells(x: Tensor, peak: str) -> tuple[Tensor, Tensor]:
     safe = torch.where(mass > 0, mass, torch.ones_like(mass))
     ri = (xf.sum(dim=3) * rows).sum(dim=2) / safe
     ci = (xf.sum(dim=2) * cols).sum(dim=2) / safe
-    ri = torch.floor(ri + 0.5).clamp_(0, h - 1).long()
-    ci = torch.floor(ci + 0.5).clamp_(0, w - 1).long()
+    # A non-finite map (a diverging run) must still index the grid: the NaN guard reports it later.
+    ri = torch.floor(torch.nan_to_num(ri, nan=0.0) + 0.5).clamp_(0, h - 1).long()
+    ci = torch.floor(torch.nan_to_num(ci, nan=0.0) + 0.5).clamp_(0, w - 1).long()
     return ri, ci
 
 

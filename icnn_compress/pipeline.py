@@ -21,6 +21,10 @@ __all__ = ["format_table", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
+# The pipeline's comparison is a small one (minutes on 2 cores); `icnn compare` runs the full set.
+DEMO_COMPARE_IMAGES = 16
+DEMO_COMPARE_METHODS = ("icnn", "gradcam", "guided_gradcam", "smoothgrad", "conductance")
+
 
 def _with_checkpoint(recipe: Recipe, checkpoint: Path) -> Recipe:
     return replace(recipe, model=replace(recipe.model, checkpoint=str(checkpoint)))
@@ -47,8 +51,31 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, arms: tuple[str, ...] = ("b
             log.info("stage: fine-tune %s", arm)
             finetune(recipe, run, arm=arm, resume=(run / "last.pt").exists(), progress=progress)
         results[arm] = evaluate_run(run, split="test", json_path=run / "evaluate.json", progress=progress)
+    if {"icnn", "baseline"} <= set(results):
+        _analyse(out, progress)
     atomic_write_text(out / "summary.json", json.dumps(results, indent=2))
     return results
+
+
+def _analyse(out: Path, progress: bool) -> None:
+    """Per-filter analysis of the baseline and the ICNN run, and their side-by-side report."""
+    from .analyze import analyze_run
+    from .report import render_analysis, report
+
+    for arm in ("baseline", "icnn"):
+        folder = out / arm / "analysis"
+        if not (folder / "report.html").exists():
+            log.info("stage: analyse %s", arm)
+            analyze_run(out / arm, out=folder, progress=progress)
+            render_analysis(folder, baseline=None if arm == "baseline" else out / "baseline" / "analysis")
+    from .compare import compare_html_section, compare_run
+
+    if not (out / "compare" / "compare.json").exists():
+        log.info("stage: compare explainers (small: %d images)", DEMO_COMPARE_IMAGES)
+        compare_run(out / "icnn", baseline_run=out / "baseline", out=out / "compare", limit=DEMO_COMPARE_IMAGES,
+                    methods=DEMO_COMPARE_METHODS, progress=progress)
+    report([out / "icnn" / "analysis", out / "baseline" / "analysis"], out / "report",
+           extra_sections=[("", compare_html_section(out / "compare"))])
 
 
 def _ratio(value: float | None, base: float | None) -> str:

@@ -234,7 +234,8 @@ def build_report(out: str | Path, *, analyses: Sequence[str | Path], extra_secti
     Args:
         out: output directory (created), or a path ending in ``.html``.
         analyses: analysis directories, one column each (left to right).
-        extra_sections: ``(title, html_fragment)`` appended full width (e.g. the Captum comparison).
+        extra_sections: ``(title, html_fragment)`` appended full width, e.g.
+            ``[("", compare_html_section(compare_dir))]``; an empty title adds no heading.
         baseline: an analysis directory whose instability the others are plotted against.
         title: the page title.
     """
@@ -252,7 +253,8 @@ def build_report(out: str | Path, *, analyses: Sequence[str | Path], extra_secti
     if len(analyses) > 1:
         body.append(_comparison_table(analyses))
     body.append(f'<div class="columns" style="--n: {max(1, len(columns))}">{"".join(columns)}</div>')
-    body += [f"<h2>{html.escape(t)}</h2>{frag}" for t, frag in extra_sections]
+    # An empty title appends the fragment as is (e.g. compare.compare_html_section, which has its own <h2>).
+    body += [(f"<h2>{html.escape(t)}</h2>" if t else "") + frag for t, frag in extra_sections]
     text = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
             + "".join(body) + "</body></html>\n")

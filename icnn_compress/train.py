@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from .checkpoint import (
@@ -34,6 +35,17 @@ from .checkpoint import (
 from .config import Recipe, recipe_to_dict, recipe_to_toml
 from .data.cub import CubDataset
 from .data.recipe import open_split
+from .distributed import (
+    all_reduce_mask_state,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    is_distributed,
+    is_main,
+    shard_indices,
+    world_size,
+)
 from .errors import TrainingError
 from .kappa import CollapseGuard, calibrate_kappa
 from .loss import FilterLoss
@@ -63,18 +75,35 @@ def seed_everything(seed: int, *, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def loader(dataset: CubDataset, *, batch_size: int, shuffle: bool, seed: int, workers: int, device: torch.device):
-    """A DataLoader with a seeded shuffle; pinned memory and persistent workers on CUDA."""
+def loader(dataset: CubDataset, *, batch_size: int, shuffle: bool, seed: int, workers: int, device: torch.device,
+           distributed: bool = False):
+    """A DataLoader with a seeded shuffle; pinned memory and persistent workers on CUDA.
+
+    ``distributed`` (under torchrun): the training split goes through a ``DistributedSampler`` (seeded
+    with ``seed``, which changes every epoch, so the shards reshuffle; it pads every rank to the same
+    number of batches, which DDP's lock-step needs); an evaluation split is sharded without padding, so
+    that the all-reduced accuracy counts every image once.
+    """
     gen = torch.Generator().manual_seed(seed)
+    sampler = None
+    if distributed and is_distributed():
+        if shuffle:
+            sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=False)
+            sampler.set_epoch(seed)
+            shuffle = False
+        else:
+            dataset = Subset(dataset, shard_indices(len(dataset)))
+    per_rank = len(dataset) // world_size() if sampler is not None else len(dataset)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         generator=gen,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
-        drop_last=shuffle and len(dataset) > batch_size,
+        drop_last=(shuffle or sampler is not None) and per_rank > batch_size,
     )
 
 
@@ -124,6 +153,9 @@ def validate(model: nn.Module, data: DataLoader, device: torch.device, *, amp: b
             logits = model(images)
         correct += (logits.argmax(dim=1) == labels).sum()
         total += labels.numel()
+    if is_distributed():  # each rank saw its own shard of the split (see loader)
+        counts = all_reduce_sum(torch.stack((correct, torch.tensor(total, device=device))))
+        correct, total = counts[0], int(counts[1])
     return 100.0 * correct.item() / max(total, 1)
 
 
@@ -142,17 +174,24 @@ class _Setup:
     def loaders(self, epoch_seed: int) -> tuple[DataLoader, DataLoader]:
         r = self.recipe
         train = loader(self.train_data, batch_size=r.train.batch_size, shuffle=True, seed=epoch_seed,
-                       workers=r.data.num_workers, device=self.device)
+                       workers=r.data.num_workers, device=self.device, distributed=True)
         test = loader(self.test_data, batch_size=r.train.eval_batch_size, shuffle=False, seed=0,
-                      workers=r.data.num_workers, device=self.device)
+                      workers=r.data.num_workers, device=self.device, distributed=True)
         return train, test
 
 
 def _setup(recipe: Recipe, progress: bool) -> _Setup:
-    device = resolve_device(recipe.train.device)
+    # Under torchrun (WORLD_SIZE > 1) this joins the process group: nccl on cuda:LOCAL_RANK, else gloo.
+    device = init_distributed(resolve_device(recipe.train.device))
+    progress = progress and is_main()
     seed_everything(recipe.train.seed, deterministic=recipe.train.deterministic)
+    # Rank 0 first: it may generate or download the data, the others then only read it.
+    if not is_main():
+        barrier()
     train_data = open_split(recipe.data, "train", progress=progress)
     test_data = open_split(recipe.data, "test", progress=progress)
+    if is_main():
+        barrier()
     cuda = device.type == "cuda"
     return _Setup(recipe, device, recipe.train.amp and cuda, recipe.train.channels_last and cuda,
                   train_data, test_data, progress)
@@ -259,17 +298,33 @@ def _train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if filter_loss is not None:
+            # Every rank folded its own batch into the masks' categories and β: average them now so that
+            # the ranks stay identical at every step (one small all-reduce; no-op in one process).
+            all_reduce_mask_state(model)
         finite &= torch.isfinite(loss.detach())
         total_loss += loss.detach() * labels.numel()
         correct += (logits.detach().argmax(dim=1) == labels).sum()
         seen += labels.numel()
         if setup.progress and (step % 10 == 0 or step == steps - 1):
             bar.set_postfix(loss=f"{float(total_loss) / seen:.3f}", acc=f"{100.0 * float(correct) / seen:.1f}")
-        if step % 25 == 24 and not bool(finite):
+        if step % 25 == 24 and not _all_finite(finite):
             break
-    if not bool(finite):
+    if not _all_finite(finite):
         raise TrainingError(f"the loss became NaN or infinite in epoch {epoch}")
+    if is_distributed():
+        sums = all_reduce_sum(torch.stack((total_loss.double(), correct.double(),
+                                           torch.tensor(float(seen), device=device, dtype=torch.float64))))
+        total_loss, correct, seen = sums[0], sums[1], int(sums[2])
     return {"train_loss": float(total_loss) / max(seen, 1), "train_acc": 100.0 * float(correct) / max(seen, 1)}
+
+
+def _all_finite(finite: Tensor) -> bool:
+    """Whether every rank's loss stayed finite: all ranks must agree to stop, or the others would hang."""
+    if not is_distributed():
+        return bool(finite)
+    bad = all_reduce_sum((~finite).to(torch.int32).reshape(1))
+    return int(bad) == 0
 
 
 class _NoFilterLoss:
@@ -291,27 +346,45 @@ def _prepare(model: nn.Module, setup: _Setup) -> nn.Module:
     return model
 
 
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel(model)`` when more than one rank runs, else ``model`` itself.
+
+    Buffers are broadcast from rank 0 at each forward (DDP's default): BatchNorm statistics follow rank 0,
+    and the mask state, all-reduced after every step, is already identical there.
+    """
+    if not is_distributed():
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, output_device=device.index if ids else None)
+
+
 def pretrain(recipe: Recipe, out: str | Path, *, progress: bool = True) -> Path:
     """Train the recipe's plain architecture (no masks) with ``[pretrain]``; write ``model.pth`` (a state_dict).
 
     This makes the quickstart's "existing checkpoint", the way a user's own training would.
     """
     setup = _setup(recipe, progress)
-    run = RunDir(Path(out)).ensure()
+    run = RunDir(Path(out))
+    if is_main():
+        run.ensure()
     p = recipe.pretrain
     model = _prepare(build_base_model(recipe.model.arch, num_classes=len(setup.train_data.classes),
                                       weights=recipe.model.weights), setup)
+    runner = _wrap_ddp(model, setup.device)
     optimizer = make_optimizer(model, p.optimizer, p.lr, recipe.train.momentum, recipe.train.weight_decay)
     for epoch in range(1, p.epochs + 1):
         train_data, test_data = setup.loaders(recipe.train.seed + epoch)
-        stats = _train_epoch(model, None, optimizer, train_data, setup, epoch=epoch, epochs=p.epochs, kappa=0.0,
+        stats = _train_epoch(runner, None, optimizer, train_data, setup, epoch=epoch, epochs=p.epochs, kappa=0.0,
                              lr=(p.lr, p.lr_end, "cosine", p.epochs), desc=f"pretrain {epoch}/{p.epochs}")
         stats.update(epoch=epoch, val_acc=validate(model, test_data, setup.device, amp=setup.amp,
                                                    channels_last=setup.channels_last))
-        append_jsonl(run.metrics_path, {"stage": "pretrain", **stats})
-        log.info("pretrain epoch %d: %s", epoch, stats)
+        if is_main():
+            append_jsonl(run.metrics_path, {"stage": "pretrain", **stats})
+            log.info("pretrain epoch %d: %s", epoch, stats)
     path = run.path / "model.pth"
-    atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    if is_main():
+        atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    barrier()
     return path
 
 
@@ -357,8 +430,11 @@ def finetune(
                             "continue it or choose another --out")
     if resume and not run.last_path.exists():
         raise TrainingError(f"--resume: {run.path} has no last.pt to resume from")
-    run.ensure()
     setup = _setup(recipe, progress)
+    # Under torchrun only rank 0 writes (run directory, metrics, checkpoints); every rank reads last.pt.
+    main = is_main()
+    if main:
+        run.ensure()
     classes = setup.train_data.classes
     if model is None:
         model, architecture = build_for_recipe(recipe, arm=arm, classes=classes, image_size=recipe.data.image_size)
@@ -386,11 +462,14 @@ def finetune(
         calibration = calibrate_kappa(model, filter_loss, train_data, setup.device, optimizer=t.optimizer,
                                       batches=recipe.icnn.pilot_batches, amp=setup.amp,
                                       channels_last=setup.channels_last)
+        # The pilot ran on every rank on the same (unsharded) data; rank 0's verdict is the one.
+        calibration = broadcast_object(calibration)
         kappa0 = calibration["kappa"]
         log.info("kappa auto: %s", calibration["reason"])
     else:
         kappa0 = float(recipe.icnn.kappa)
-    atomic_write_text(run.recipe_path, recipe_to_toml(recipe))
+    if main:
+        atomic_write_text(run.recipe_path, recipe_to_toml(recipe))
     initial = None
     if calibration is not None and start == 1:
         initial = {"train_loss": calibration["task_loss"],
@@ -399,7 +478,7 @@ def finetune(
     good = _snapshot(model, optimizer)
     record: dict = {}
     epoch = start
-    with _compiled(model, t.compile) as runner:
+    with _compiled(_wrap_ddp(model, setup.device), t.compile) as runner:
         while epoch <= t.epochs:
             kappa = kappa0 / epoch
             train_data, test_data = setup.loaders(t.seed + epoch)
@@ -415,13 +494,21 @@ def finetune(
                                         "lower train.lr or icnn.kappa and run again with --resume") from None
                 stats = {"train_loss": math.inf, "train_acc": 0.0}
             layers = _epoch_stats(filter_loss)
-            val_acc = validate(runner, test_data, setup.device, amp=setup.amp, channels_last=setup.channels_last)
+            # Under DDP validate the bare module: each rank runs a different number of eval batches, and
+            # DDP's forward may hold collectives.
+            val_acc = validate(model if is_distributed() else runner, test_data, setup.device, amp=setup.amp,
+                               channels_last=setup.channels_last)
             record = {"stage": "finetune", "arm": arm, "epoch": epoch, "kappa": kappa, "kappa0": kappa0,
                       "lr": optimizer.param_groups[0]["lr"], **stats, "val_acc": val_acc, "layers": layers,
                       "seconds": time.perf_counter() - began}
+            # Loss and accuracy are all-reduced; the per-layer filter statistics are rank 0's share of the
+            # data. Rank 0's record decides the collapse guard and the κ correction on every rank, so that
+            # no rank restores or rescales alone.
+            record = broadcast_object(record)
             verdict = guard.check(record)
             if verdict is not None:
-                append_jsonl(run.metrics_path, {**record, "collapse": verdict})
+                if main:
+                    append_jsonl(run.metrics_path, {**record, "collapse": verdict})
                 _restore(model, optimizer, good)
                 kappa0 = guard.back_off(kappa0)
                 log.warning("epoch %d: %s; restored epoch %d and lowered kappa0 to %.3g", epoch, verdict,
@@ -429,13 +516,18 @@ def finetune(
                 continue
             if calibration is not None and epoch == 1 and "correction" not in calibration:
                 kappa0 = _correct_kappa(calibration, record, kappa0)
-            append_jsonl(run.metrics_path, record)
-            log.info("epoch %d: loss %.4f acc %.2f val %.2f", epoch, stats["train_loss"], stats["train_acc"], val_acc)
             good = _snapshot(model, optimizer)
-            atomic_save({"model": good[0], "optimizer": good[1], "epoch": epoch, "kappa": kappa0,
-                         "calibration": calibration, "rng": torch.get_rng_state()}, run.last_path)
+            if main:
+                append_jsonl(run.metrics_path, record)
+                log.info("epoch %d: loss %.4f acc %.2f val %.2f", epoch, stats["train_loss"], stats["train_acc"],
+                         val_acc)
+                atomic_save({"model": good[0], "optimizer": good[1], "epoch": epoch, "kappa": kappa0,
+                             "calibration": calibration, "rng": torch.get_rng_state()}, run.last_path)
             epoch += 1
     guard.final_check(record)
+    if not main:
+        barrier()  # wait for rank 0's model.pt, so that every rank returns with the run complete
+        return record
     save_model_file(
         run.model_path,
         state_dict=model.state_dict(),
@@ -453,6 +545,7 @@ def finetune(
             **(extra or {}),
         },
     )
+    barrier()
     return record
 
 

@@ -6,9 +6,11 @@ import json
 
 import pytest
 
+from pathlib import Path
+
 from icnn_compress.cli import main
 
-from .conftest import QUICKSTART
+QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.toml"
 
 
 def run(capsys, *argv):

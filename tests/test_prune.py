@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import textwrap
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -159,6 +157,21 @@ def test_icnn_importance_takes_the_max_over_coupled_masks_and_follows_pruned_cha
     assert torch.allclose(imp(fc_group), tp.importance.MagnitudeImportance(p=1)(fc_group))
 
 
+def test_icnn_rest_by_magnitude_orders_the_unflagged_filters_by_the_fallback():
+    model = _tiny()
+    scores = {"mask_a": [_rec(i, silent=i == 3, cluster=0 if i in (5, 6) else -1, best=i == 6) for i in range(8)]}
+    pruner = MaskPruner()
+    group = _graph(model, pruner).get_pruning_group(model.conv, tp.prune_conv_out_channels, idxs=list(range(8)))
+    got = ICNNImportance(scores, pruner, rest="magnitude")(group)
+    magnitude = tp.importance.MagnitudeImportance(p=1)(group)
+    assert torch.argsort(got)[:2].tolist() == [3, 5]  # silent, then the redundant twin
+    others = torch.tensor([0, 1, 2, 4, 6, 7])
+    assert (got[others] > 2).all()
+    assert torch.equal(others[torch.argsort(got[others])], others[torch.argsort(magnitude[others])])
+    with pytest.raises(PruningError, match="rest must be"):
+        ICNNImportance(scores, pruner, rest="size")
+
+
 def test_raw_fpgm_is_the_sum_of_distances_between_raw_filters():
     conv = nn.Conv2d(1, 3, 1, bias=False)
     with torch.no_grad():
@@ -199,18 +212,18 @@ def test_load_filter_scores_reads_the_analysis_schema(tmp_path):
 # the driver on registered architectures
 
 
-def _interpretable(arch: str, size: int):
+def _interpretable(arch: str, size: int, variant: str = "icnn"):
     torch.manual_seed(0)
     if arch == "small_cnn":
         model = build_base_model("icnn_compress.zoo:small_cnn", num_classes=3)
         layout = make_interpretable(model, arch="icnn_compress.zoo:small_cnn", num_classes=3, image_size=size,
-                                    top_layer="features.14")
+                                    top_layer="features.14", variant=variant)
         record = {"arch": "icnn_compress.zoo:small_cnn", "top_layer": "features.14"}
     else:
         model = build_base_model(arch, num_classes=3)
-        layout = make_interpretable(model, arch=arch, num_classes=3, image_size=size, head_width=32)
+        layout = make_interpretable(model, arch=arch, num_classes=3, image_size=size, head_width=32, variant=variant)
         record = {"arch": arch}
-    record.update(num_classes=3, image_size=size, variant="icnn", new_conv=True, head_width=32, peak="centroid",
+    record.update(num_classes=3, image_size=size, variant=variant, new_conv=True, head_width=32, peak="centroid",
                   beta="learned", **layout)
     return model.eval(), record
 
@@ -226,14 +239,15 @@ def _synthetic_scores(model: nn.Module, masks: list[str]) -> dict[str, list[Filt
     return out
 
 
-@pytest.mark.parametrize("arch,size,criterion", [
-    ("small_cnn", 64, "icnn"), ("small_cnn", 64, "l1"), ("small_cnn", 64, "fpgm"), ("small_cnn", 64, "taylor"),
-    ("small_cnn", 64, "random"), ("resnet18", 32, "icnn"), ("vgg11", 32, "icnn"), ("mobilenet_v2", 32, "icnn"),
+@pytest.mark.parametrize("arch,size,criterion,variant", [
+    ("small_cnn", 64, "icnn", "icnn"), ("small_cnn", 64, "l1", "icnn"), ("small_cnn", 64, "fpgm", "icnn"),
+    ("small_cnn", 64, "taylor", "icnn"), ("small_cnn", 64, "random", "icnn"), ("resnet18", 32, "icnn", "icnn"),
+    ("vgg11", 32, "icnn", "icnn"), ("mobilenet_v2", 32, "icnn", "icnn"), ("resnet18", 32, "l1", "baseline"),
 ])
-def test_prune_model_meets_the_target_and_replays(arch, size, criterion):
+def test_prune_model_meets_the_target_and_replays(arch, size, criterion, variant):
     from icnn_compress.surgery import build_model
 
-    model, record = _interpretable(arch, size)
+    model, record = _interpretable(arch, size, variant)
     masks = record["masks"]
     x = torch.rand(2, 3, size, size)
     pruner = MaskPruner()
@@ -344,3 +358,16 @@ def test_prune_run_without_recovery_keeps_the_run_record(trained_run, tmp_path):
         prune_run(trained_run, out=tmp_path / "l1", criterion="l1", device="cpu", progress=False)
     with pytest.raises(PruningError, match="already pruned"):
         prune_run(tmp_path / "l1", out=tmp_path / "again", criterion="l1", device="cpu", progress=False)
+
+
+def test_resume_needs_an_interrupted_recovery_with_the_same_pruning(trained_run, tmp_path):
+    out = tmp_path / "p"
+    with pytest.raises(PruningError, match="no interrupted recovery"):
+        prune_run(trained_run, out=out, criterion="l1", recover_epochs=1, resume=True, device="cpu", progress=False)
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"")
+    with pytest.raises(PruningError, match="pass --resume"):
+        prune_run(trained_run, out=out, criterion="l1", recover_epochs=1, device="cpu", progress=False)
+    (out / "history.json").write_text(json.dumps({"steps": [["features.0", True, [0]]]}))
+    with pytest.raises(PruningError, match="another result"):
+        prune_run(trained_run, out=out, criterion="l1", recover_epochs=1, resume=True, device="cpu", progress=False)

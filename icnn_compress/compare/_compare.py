@@ -140,7 +140,7 @@ def compare(
     sigma = settings.blur_sigma if settings.blur_sigma is not None else image_size / 32
     radius = settings.radius * image_size
     gen = torch.Generator().manual_seed(settings.seed)
-    labels, targets, correct, target_prob, lms, viss = [], [], [], [], [], []
+    targets, correct, target_prob, lms, viss = [], [], [], [], []
     cond_sum: Tensor | None = None
     cond_count = torch.zeros(len(classes), dtype=torch.float64)
     examples: list[dict[str, Any]] = []
@@ -162,7 +162,6 @@ def compare(
                     logits = model(x)
                 forward_seconds = time.perf_counter() - start
                 target = label if settings.target == "label" else logits.argmax(dim=1)
-                labels.append(label.cpu())
                 targets.append(target.cpu())
                 correct.append((logits.argmax(dim=1) == label).cpu())
                 target_prob.append(logits.float().softmax(dim=1).gather(1, target[:, None])[:, 0].cpu())

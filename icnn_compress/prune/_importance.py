@@ -49,6 +49,10 @@ class MaskPruner(tp.pruner.BasePruningFunc):
             self._origin[layer] = torch.arange(layer.num_filters)
         return self._origin[layer]
 
+    def tracks(self, layer: InterpretableMask) -> bool:
+        """Whether this pruner has seen ``layer`` (its channel numbering may differ from the analysis')."""
+        return layer in self._origin
+
     def prune_out_channels(self, layer: InterpretableMask, idxs: Sequence[int]) -> InterpretableMask:
         drop = set(int(i) for i in idxs)
         keep = [i for i in range(layer.num_filters) if i not in drop]
@@ -82,6 +86,9 @@ class ICNNImportance(tp.importance.Importance):
             already pruned masks (iterative pruning re-scores the remaining channels at each step).
         fallback: criterion for groups without an analysed mask; default group L1 magnitude, the same
             as the ``l1`` criterion, so ``icnn`` and ``l1`` differ only where there is an analysis.
+        rest: how the filters the analysis does not flag (neither silent nor a redundant twin) are
+            ranked after the flagged ones: ``"exclusivity"`` (least exclusive first, the default) or
+            ``"magnitude"`` (by ``fallback``: the analysis only decides what goes first).
 
     A group's score per channel is the MAXIMUM over the analysed masks in the group of their per-filter
     score (:func:`icnn_layer_scores`): a channel goes only if it is weak in every analysed layer it is
@@ -96,10 +103,15 @@ class ICNNImportance(tp.importance.Importance):
         scores: Mapping[str, Sequence[FilterScores]],
         mask_pruner: MaskPruner,
         fallback: tp.importance.Importance | None = None,
+        *,
+        rest: str = "exclusivity",
     ) -> None:
+        if rest not in ("exclusivity", "magnitude"):
+            raise PruningError(f"rest must be 'exclusivity' or 'magnitude', got {rest!r}")
         self.layer_scores = {name: icnn_layer_scores(recs) for name, recs in scores.items()}
         self.mask_pruner = mask_pruner
         self.fallback = fallback or tp.importance.MagnitudeImportance(p=1)
+        self.rest = rest
 
     def check_model(self, model: nn.Module) -> None:
         """Raise PruningError when the analysis names a layer the model lacks or counts its filters differently."""
@@ -108,7 +120,7 @@ class ICNNImportance(tp.importance.Importance):
             if name not in masks:
                 raise PruningError(f"the analysis describes layer {name!r}, which the model does not have "
                                    f"(its masks: {sorted(masks)}); analyse this run's model.pt")
-            if masks[name].num_filters != len(s) and masks[name] not in self.mask_pruner._origin:
+            if masks[name].num_filters != len(s) and not self.mask_pruner.tracks(masks[name]):
                 raise PruningError(f"the analysis has {len(s)} filters in {name!r} but the model has "
                                    f"{masks[name].num_filters}: analyse this run's model.pt")
 
@@ -130,6 +142,14 @@ class ICNNImportance(tp.importance.Importance):
             best = _scatter_max(start, item.root_idxs, local)
         if best is None:
             return self.fallback(group)
+        unflagged = best >= 2  # useful in at least one coupled layer
+        if self.rest == "magnitude" and bool(unflagged.any()):
+            magnitude = self.fallback(group).double()
+            k = int(unflagged.sum())
+            rank = torch.empty(k, dtype=torch.float64)
+            rank[torch.argsort(magnitude[unflagged], stable=True)] = torch.arange(k, dtype=torch.float64)
+            best = best.clone()
+            best[unflagged] = 2 + (rank + 1) / (k + 1)
         return best.float()
 
 

@@ -71,17 +71,19 @@ def prune_run(
     seed: int = 0,
     data_root: str | Path | None = None,
     device: str = "auto",
+    resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Prune a run's ``model.pt`` to ``target_macs`` × its MACs, optionally recover, and write run directory ``out``.
 
     ``out`` becomes a run directory like any other (``model.pt`` loads with :func:`load_run_model`, so it
-    can be evaluated, analysed, exported or pruned again) plus ``pruning.json``: the criterion, MACs and
+    can be evaluated, analysed and exported; not pruned a second time) plus ``pruning.json``: the criterion, MACs and
     parameters before and after, the accuracy of the unpruned, the pruned and the recovered model on the
-    test split, and the pruning history. ``model.pt`` holds the same history under ``"pruning"``.
+    test split, and the pruning history. ``model.pt`` holds the same history under ``"pruning"``
+    (``history.json``, written before a recovery, lets an interrupted recovery resume).
 
     Args:
-        run: a run directory (or model file) from ``icnn finetune`` / ``icnn pipeline`` / ``icnn prune``.
+        run: an unpruned run directory (or model file) from ``icnn finetune`` / ``icnn pipeline``.
         analysis: the run's ``analysis.json`` (or its folder); required by the ``icnn`` criterion.
         target_macs: MACs of the pruned model as a fraction of the run's model's.
         criterion: ``icnn`` | ``l1`` | ``fpgm`` | ``taylor`` | ``random`` (see :func:`make_importance`).
@@ -90,6 +92,8 @@ def prune_run(
         round_to, floor, steps: see :func:`prune_model`.
         taylor_batches: training batches per Taylor gradient estimate.
         seed: seeds torch (the ``random`` criterion, the Taylor batches' order).
+        resume: continue an interrupted recovery in ``out`` (its ``last.pt``): the pruning is redone
+            (deterministic for a given seed) and must match the history written before the recovery.
 
     Returns:
         The ``pruning.json`` record.
@@ -99,8 +103,12 @@ def prune_run(
     if recover_epochs < 0:
         raise PruningError(f"recover_epochs must be >= 0, got {recover_epochs}")
     out_dir = RunDir(Path(out))
-    if out_dir.model_path.exists() or out_dir.last_path.exists():
-        raise PruningError(f"{out_dir.path} already holds a run; choose another --out")
+    planned = out_dir.path / "history.json"
+    if out_dir.model_path.exists() or (out_dir.last_path.exists() and not resume):
+        raise PruningError(f"{out_dir.path} already holds a run; choose another --out"
+                           + ("" if out_dir.model_path.exists() else " or pass --resume to finish its recovery"))
+    if resume and not (out_dir.last_path.exists() and planned.exists()):
+        raise PruningError(f"--resume: {out_dir.path} has no interrupted recovery (last.pt and history.json)")
     began = time.perf_counter()
     dev = resolve_device(device)
     model, saved = load_run_model(run, device=dev)
@@ -133,9 +141,13 @@ def prune_run(
 
     acc_recovered = None
     if recover_epochs > 0:
+        if resume and json.loads(planned.read_text())["steps"] != history["steps"]:
+            raise PruningError(f"--resume: pruning {run} again gave another result than {planned}; "
+                               "resume with the same criterion, analysis, target and seed, or start afresh")
+        atomic_write_text(planned, json.dumps(history))
         rec = _recovery_recipe(replace(recipe, data=data_cfg), saved, recover_epochs)
-        final = finetune(rec, out_dir.path, arm=saved.get("arm", "icnn"), progress=progress, model=model,
-                         architecture=saved["architecture"], extra={"pruning": history})
+        final = finetune(rec, out_dir.path, arm=saved.get("arm", "icnn"), resume=resume, progress=progress,
+                         model=model, architecture=saved["architecture"], extra={"pruning": history})
         acc_recovered = float(final["val_acc"])
     else:
         extra = {k: v for k, v in saved.items() if k not in _RESERVED}
