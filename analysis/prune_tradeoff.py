@@ -1,7 +1,7 @@
-"""Accuracy vs MACs: the ``icnn`` pruning criterion against L1, FPGM, Taylor and random, same recovery budget.
+"""Accuracy vs MACs: the ``icnn`` pruning criteria against L1, FPGM, Taylor and random, same recovery budget.
 
     .venv/bin/python analysis/prune_tradeoff.py runs/demo [--arm icnn] [--targets 0.7 0.5 0.3]
-        [--criteria icnn l1 fpgm taylor random] [--recover-epochs 2] [--seeds 0] [--out DIR]
+        [--criteria icnn icnn-l1 l1 fpgm taylor random] [--recover-epochs 2] [--round-to 8] [--out DIR]
 
 For a pipeline output folder (``icnn pipeline`` / ``make demo``), prunes ``<folder>/<arm>/model.pt`` to
 each MACs ratio with each criterion (``icnn_compress.prune.prune_run``: local iterative pruning,
@@ -9,12 +9,15 @@ round_to 8, floor 25%), recovers every pruned model for the same number of epoch
 arm, κ fixed to the run's κ₀), and writes into ``--out`` (default ``<folder>/prune_tradeoff``):
 
 * ``<criterion>_<target>[_s<seed>]/``: each pruned run (``model.pt``, ``pruning.json``, metrics);
-* ``prune_tradeoff.md``: test accuracy after recovery (and right after pruning) per criterion and target;
+* ``prune_tradeoff.md``: test accuracy after recovery (and right after pruning) per criterion and target,
+  and the interpretability of the top masked layer (exclusivity, location instability, part
+  interpretability, redundancy) of every pruned run, analysed on the test split (``--no-interpretability``
+  skips it);
 * ``prune_tradeoff.json``: every record; ``prune_tradeoff.png``: accuracy vs measured MACs ratio.
 
-The ``icnn`` criterion needs the run's analysis: ``--analysis analysis.json``, else
-``<folder>/<arm>/analysis/analysis.json`` when it exists, else it is computed here on the TRAINING split
-(pruning decisions never look at the test images the table reports). Finished cells are reused, so an
+The ``icnn`` and ``icnn-l1`` criteria need the run's analysis: ``--analysis analysis.json``, else one
+computed here (once, into ``<out>/analysis``) on the TRAINING split, so that pruning decisions never look
+at the test images the table reports (the pipeline's ``<run>/analysis`` is on the test split). Finished cells are reused, so an
 interrupted study resumes; small budgets: ``--targets 0.5 --criteria icnn l1 --recover-epochs 1``.
 """
 
@@ -32,14 +35,47 @@ from icnn_compress.prune import CRITERIA, prune_run
 def _analysis(run: Path, given: str | None, out: Path) -> Path:
     if given:
         return Path(given)
-    for candidate in (run / "analysis" / "analysis.json", out / "analysis" / "analysis.json"):
-        if candidate.is_file():
-            return candidate
+    # Not the pipeline's <run>/analysis: that one is on the test split the table reports.
+    candidate = out / "analysis" / "analysis.json"
+    if candidate.is_file():
+        return candidate
     from icnn_compress.analyze import analyze_run
 
     logging.info("analysing %s on the training split", run)
     analyze_run(run, out=out / "analysis", split="train", gallery=False, device="cpu")
     return out / "analysis" / "analysis.json"
+
+
+_MEASURES = ("mean_exclusivity", "location_instability", "part_interpretability", "num_redundant")
+
+
+def _interpretability(run: Path, folder: Path) -> dict:
+    """Per masked layer: the analysis' headline measures of ``run`` on the test split (cached in ``folder``)."""
+    path = folder / "analysis.json"
+    if not path.is_file():
+        from icnn_compress.analyze import analyze_run
+
+        analyze_run(run, out=folder, split="test", gallery=False, device="cpu")
+    layers = json.loads(path.read_text())["summary"]["layers"]
+    return {name: {k: layer.get(k) for k in ("num_filters", *_MEASURES)} for name, layer in layers.items()}
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def _interpretability_table(records: list[dict], base: dict) -> str:
+    layer = next(iter(base))
+    head = ["criterion", "MACs", *(m.replace("_", " ") for m in _MEASURES)]
+    lines = [f"Interpretability of `{layer}` after recovery (test split; exclusivity and part interpretability: "
+             "higher is better, instability lower; redundant = filters with a near-copy).", "",
+             "| " + " | ".join(head) + " |", "|---" * len(head) + "|",
+             "| unpruned | 1.000 | " + " | ".join(_fmt(base[layer].get(m)) for m in _MEASURES) + " |"]
+    for r in sorted(records, key=lambda r: (-r["target_macs"], r["criterion"])):
+        if r.get("interpretability") and layer in r["interpretability"]:
+            cells = [_fmt(r["interpretability"][layer].get(m)) for m in _MEASURES]
+            lines.append(f"| {r['criterion']} | {r['macs_ratio']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _table(records: list[dict], targets: list[float], criteria: list[str], unpruned: float, epochs: int) -> str:
@@ -100,6 +136,8 @@ def main() -> None:
     parser.add_argument("--floor", type=float, default=0.25, help="fraction of each layer's channels always kept")
     parser.add_argument("--analysis", default=None, help="the run's analysis.json (icnn criterion)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-interpretability", action="store_true",
+                        help="skip the analysis of every pruned run (accuracy only)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
@@ -109,7 +147,7 @@ def main() -> None:
     run = args.folder / args.arm
     out = args.out or args.folder / "prune_tradeoff"
     out.mkdir(parents=True, exist_ok=True)
-    analysis = _analysis(run, args.analysis, out) if "icnn" in args.criteria else None
+    analysis = _analysis(run, args.analysis, out) if any(c.startswith("icnn") for c in args.criteria) else None
     records = []
     for target in args.targets:
         for crit in args.criteria:
@@ -125,12 +163,17 @@ def main() -> None:
                                     round_to=args.round_to, floor=args.floor,
                                     resume=(cell / "last.pt").exists(), progress=not args.quiet)
                 rec = {k: v for k, v in rec.items() if k != "history"} | {"seed": seed, "dir": str(cell)}
+                if not args.no_interpretability:
+                    rec["interpretability"] = _interpretability(cell, cell / "analysis")
                 logging.info("%s @ %.2f (seed %d): MACs %.3f, accuracy %.2f -> %.2f -> %s", crit, target, seed,
                              rec["macs_ratio"], rec["accuracy_unpruned"], rec["accuracy_pruned"],
                              rec["accuracy_recovered"])
                 records.append(rec)
     unpruned = records[0]["accuracy_unpruned"]
     table = _table(records, args.targets, args.criteria, unpruned, args.recover_epochs)
+    if not args.no_interpretability:
+        base = _interpretability(run, out / "unpruned_analysis")
+        table += "\n" + _interpretability_table(records, base)
     stem = "prune_tradeoff" + (f"_r{args.round_to}" if args.round_to != 8 else "")
     (out / f"{stem}.md").write_text(f"# Pruning trade-off: {run}\n\n{table}", encoding="utf-8")
     (out / f"{stem}.json").write_text(json.dumps({"run": str(run), "analysis": str(analysis), "round_to": args.round_to,

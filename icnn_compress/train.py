@@ -244,6 +244,32 @@ def _set_class_frequency(model: nn.Module, labels: Tensor, num_classes: int) -> 
         mod.class_freq.copy_(freq.clamp(min=1e-6))
 
 
+def validate_filters(
+    model: nn.Module, data: DataLoader, device: torch.device, masks: dict[str, nn.Module], *, amp: bool,
+    channels_last: bool,
+) -> tuple[float, dict[str, int]]:
+    """Accuracy (%) and, per masked layer, the filters silent on every validation image (dead).
+
+    Dead filters are counted on the model as it stands after the epoch: a filter killed late in an
+    epoch looks alive in that epoch's training statistics.
+    """
+    peak: dict[str, Tensor] = {}
+
+    def hook(name: str):
+        def record(_mod, inputs, _out) -> None:
+            top = inputs[0].detach().float().amax(dim=(0, 2, 3))
+            peak[name] = top if name not in peak else torch.maximum(peak[name], top)
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in masks.items()]
+    try:
+        acc = validate(model, data, device, amp=amp, channels_last=channels_last)
+    finally:
+        for h in handles:
+            h.remove()
+    return acc, {n: int((p <= 0).sum()) for n, p in peak.items()}
+
+
 def _epoch_stats(filter_loss: FilterLoss) -> dict:
     """Per-layer summary of an epoch (host values; called once per epoch)."""
     out = {}
@@ -251,7 +277,7 @@ def _epoch_stats(filter_loss: FilterLoss) -> dict:
         mask = filter_loss.masks[name]
         rec: dict = {"filters": mask.num_filters}
         if st.peak_max is not None:
-            rec["dead"] = int((st.peak_max <= 0).sum())
+            rec["dead_in_epoch"] = int((st.peak_max <= 0).sum())
             rec["fire_rate"] = float(st.fired.float().mean() / max(st.images, 1))
         if st.batches:
             rec["neg_mi"] = float(st.neg_mi / st.batches)
@@ -475,6 +501,11 @@ def finetune(
         initial = {"train_loss": calibration["task_loss"],
                    "layers": {n: {"dead": d} for n, d in calibration["dead"].items()}}
     guard = CollapseGuard(enabled=recipe.icnn.collapse_guard and arm == "icnn", initial=initial)
+    if guard.enabled and start == 1:
+        _, test_data = setup.loaders(t.seed)
+        _, dead = validate_filters(model, test_data, setup.device, filter_loss.masks, amp=setup.amp,
+                                   channels_last=setup.channels_last)
+        guard.last = {**(initial or {}), "layers": {n: {"dead": d} for n, d in dead.items()}}
     good = _snapshot(model, optimizer)
     record: dict = {}
     epoch = start
@@ -496,8 +527,10 @@ def finetune(
             layers = _epoch_stats(filter_loss)
             # Under DDP validate the bare module: each rank runs a different number of eval batches, and
             # DDP's forward may hold collectives.
-            val_acc = validate(model if is_distributed() else runner, test_data, setup.device, amp=setup.amp,
-                               channels_last=setup.channels_last)
+            val_acc, dead = validate_filters(model if is_distributed() else runner, test_data, setup.device,
+                                             filter_loss.masks, amp=setup.amp, channels_last=setup.channels_last)
+            for name, count in dead.items():
+                layers[name]["dead"] = count
             record = {"stage": "finetune", "arm": arm, "epoch": epoch, "kappa": kappa, "kappa0": kappa0,
                       "lr": optimizer.param_groups[0]["lr"], **stats, "val_acc": val_acc, "layers": layers,
                       "seconds": time.perf_counter() - began}

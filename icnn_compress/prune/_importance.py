@@ -20,7 +20,7 @@ from ._scores import FilterScores, PruningError, icnn_layer_scores
 
 __all__ = ["CRITERIA", "ICNNImportance", "MaskPruner", "RawFPGMImportance", "make_importance"]
 
-CRITERIA = ("icnn", "l1", "fpgm", "taylor", "random")
+CRITERIA = ("icnn", "icnn-l1", "l1", "fpgm", "taylor", "random")
 
 _OUT = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 
@@ -191,12 +191,14 @@ def make_importance(
     channel's L1 norm, each layer normalised by its mean); ``fpgm``: :class:`RawFPGMImportance`;
     ``taylor``: first-order Taylor ``|w·∂L/∂w|`` (needs gradients: the driver runs a backward on a few
     training batches before each step); ``random``: uniform scores (seeded by the caller);
-    ``icnn``: :class:`ICNNImportance` on ``scores``.
+    ``icnn``: :class:`ICNNImportance` on ``scores`` (silent, then redundant twins, then least exclusive);
+    ``icnn-l1``: the same for the filters the analysis flags (silent, redundant twins), then L1
+    magnitude for the others (``rest="magnitude"``).
     """
-    if criterion == "icnn":
+    if criterion in ("icnn", "icnn-l1"):
         if not scores:
-            raise PruningError("the icnn criterion needs the analysis of the run (--analysis analysis.json)")
-        return ICNNImportance(scores, mask_pruner)
+            raise PruningError(f"the {criterion} criterion needs the analysis of the run (--analysis analysis.json)")
+        return ICNNImportance(scores, mask_pruner, rest="magnitude" if criterion == "icnn-l1" else "exclusivity")
     if criterion == "l1":
         return tp.importance.MagnitudeImportance(p=1)
     if criterion == "fpgm":

@@ -84,9 +84,10 @@ def prune_run(
 
     Args:
         run: an unpruned run directory (or model file) from ``icnn finetune`` / ``icnn pipeline``.
-        analysis: the run's ``analysis.json`` (or its folder); required by the ``icnn`` criterion.
+        analysis: the run's ``analysis.json`` (or its folder); required by the ``icnn*`` criteria.
         target_macs: MACs of the pruned model as a fraction of the run's model's.
-        criterion: ``icnn`` | ``l1`` | ``fpgm`` | ``taylor`` | ``random`` (see :func:`make_importance`).
+        criterion: ``icnn`` | ``icnn-l1`` | ``l1`` | ``fpgm`` | ``taylor`` | ``random`` (see
+            :func:`make_importance`).
         recover_epochs: fine-tuning epochs after pruning, with the run's arm (filter loss on for ``icnn``
             at the run's κ₀) and its recipe otherwise; 0 saves the pruned model as is.
         round_to, floor, steps: see :func:`prune_model`.
@@ -122,7 +123,7 @@ def prune_run(
 
     torch.manual_seed(seed)
     mask_pruner = MaskPruner()
-    scores = load_filter_scores(analysis) if criterion == "icnn" else None
+    scores = load_filter_scores(analysis) if criterion.startswith("icnn") else None
     importance = make_importance(criterion, mask_pruner=mask_pruner, scores=scores)
     before_step = None
     if criterion == "taylor":
