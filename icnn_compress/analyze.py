@@ -897,22 +897,14 @@ def analyze_run(
     The loader is shuffled with ``seed`` so that the streaming estimates (``Z_T``, the part quantile)
     see every class from the first batches. ``options`` go to :func:`analyze`.
     """
-    from dataclasses import replace
-
     from torch.utils.data import DataLoader
 
-    from icnn_compress.config import recipe_from_dict
-    from icnn_compress.data.recipe import open_split
+    from icnn_compress.evaluate import open_run
     from icnn_compress.mask import InterpretableMask
-    from icnn_compress.train import load_run_model, resolve_device
+    from icnn_compress.train import resolve_device
 
     dev = init_distributed(resolve_device(str(device)))  # under torchrun: join the group, cuda:LOCAL_RANK
-    model, saved = load_run_model(run, device=dev)
-    recipe = recipe_from_dict(saved["recipe"], source=f"{run}/model.pt")
-    data_cfg = recipe.data if data_root is None else replace(recipe.data, root=str(data_root), generate=None)
-    dataset = open_split(data_cfg, split, progress=progress)
-    if list(dataset.classes) != list(saved["classes"]):
-        raise ValueError(f"the dataset's classes {dataset.classes[:5]}... are not the model's {saved['classes'][:5]}...")
+    model, saved, recipe, dataset = open_run(run, data_root=data_root, split=split, device=dev, progress=progress)
     layers = list(layers) if layers else list(saved["architecture"]["masks"])
     categories = {}
     for name in layers:

@@ -192,23 +192,14 @@ def evaluate_run(
     rule), adds what the run recorded (``arm``, ``kappa0``, dead filters per layer at the last epoch)
     and the ``split``, and writes the result atomically to ``json_path`` when given.
     """
-    from dataclasses import replace
-
     from torch.utils.data import DataLoader
 
     from .checkpoint import atomic_write_text
-    from .config import recipe_from_dict
-    from .data.recipe import open_split
     from .mask import InterpretableMask
-    from .train import load_run_model, resolve_device
+    from .train import resolve_device
 
     dev = resolve_device(str(device))
-    model, saved = load_run_model(run, device=dev)
-    recipe = recipe_from_dict(saved["recipe"], source=f"{run}/model.pt")
-    data_cfg = recipe.data if data_root is None else replace(recipe.data, root=str(data_root), generate=None)
-    dataset = open_split(data_cfg, split, progress=progress)
-    if list(dataset.classes) != list(saved["classes"]):
-        raise ValueError(f"the dataset's classes {dataset.classes[:5]}... are not the model's {saved['classes'][:5]}...")
+    model, saved, recipe, dataset = open_run(run, data_root=data_root, split=split, device=dev, progress=progress)
     layers = saved["architecture"]["masks"]
     masks = {name: model.get_submodule(name) for name in layers}
     categories = {name: m.category for name, m in masks.items() if isinstance(m, InterpretableMask)}
@@ -225,3 +216,26 @@ def evaluate_run(
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2))
     return result
+
+
+def open_run(
+    run: str | Path, *, data_root: str | Path | None, split: str, device: torch.device, progress: bool = False
+) -> tuple[nn.Module, dict[str, Any], Any, Any]:
+    """Load a run's model on ``device`` and open a split of its dataset (or of ``data_root``).
+
+    Returns (model in eval mode, the saved model file, its recipe, the dataset); the dataset's classes
+    must be the model's.
+    """
+    from dataclasses import replace
+
+    from .config import recipe_from_dict
+    from .data.recipe import open_split
+    from .train import load_run_model
+
+    model, saved = load_run_model(run, device=device)
+    recipe = recipe_from_dict(saved["recipe"], source=f"{run}/model.pt")
+    data_cfg = recipe.data if data_root is None else replace(recipe.data, root=str(data_root), generate=None)
+    dataset = open_split(data_cfg, split, progress=progress)
+    if list(dataset.classes) != list(saved["classes"]):
+        raise ValueError(f"the dataset's classes {dataset.classes[:5]}... are not the model's {saved['classes'][:5]}...")
+    return model, saved, recipe, dataset
