@@ -92,6 +92,25 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from .prune import prune_run
+
+    result = prune_run(args.run, out=args.out, analysis=args.analysis, target_macs=args.target_macs,
+                       criterion=args.criterion, recover_epochs=args.recover_epochs, data_root=args.data,
+                       resume=args.resume, progress=not args.quiet)
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2, default=str))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    record = export_onnx(args.run, args.out, quantize=args.quantize, calibration=args.calibration,
+                         data_root=args.data)
+    print(json.dumps(record, indent=2, default=str))
+    return 0
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .train import calibrate
 
@@ -190,6 +209,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="label", choices=TARGETS, help="explain the true or the predicted class")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_cmd_compare)
+
+    from .prune import CRITERIA
+
+    p = sub.add_parser("prune", help="remove silent and redundant filters (torch-pruning), then recover")
+    p.add_argument("run", type=Path)
+    p.add_argument("--analysis", type=Path, default=None, help="the run's analysis folder (icnn criterion)")
+    p.add_argument("--target-macs", type=float, default=0.5, help="MACs of the result as a fraction")
+    p.add_argument("--criterion", default="icnn", choices=list(CRITERIA))
+    p.add_argument("--recover-epochs", type=int, default=0)
+    p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted recovery")
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=_cmd_prune)
+
+    p = sub.add_parser("export", help="ONNX export with onnx.checker and an onnxruntime parity check")
+    p.add_argument("run", type=Path)
+    p.add_argument("--out", required=True, type=Path, help="model.onnx")
+    p.add_argument("--quantize", choices=["int8"], default=None)
+    p.add_argument("--calibration", type=int, default=256, help="images for int8 calibration")
+    p.add_argument("--data", type=Path, default=None)
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("calibrate", help="run the kappa pilot alone and print R and the chosen kappa")
     with_recipe(p)
