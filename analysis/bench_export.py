@@ -94,7 +94,8 @@ def main() -> None:
              "|---|" + "---|" * (2 * len(args.batches))]
     for name in names:
         lat = {b: 1e3 * statistics.median(times[name][b]) for b in args.batches}
-        speed = {b: statistics.median(u / m for u, m in zip(times["unpruned"][b], times[name][b])) for b in args.batches}
+        speed = {b: statistics.median(u / m for u, m in zip(times["unpruned"][b], times[name][b]))
+                 for b in args.batches}
         result["latency_ms"][name] = lat
         result["speedup"][name] = speed
         lines.append(f"| {name} | " + " | ".join(f"{lat[b]:.2f}" for b in args.batches) + " | "

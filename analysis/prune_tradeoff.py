@@ -17,8 +17,8 @@ arm, κ fixed to the run's κ₀), and writes into ``--out`` (default ``<folder>
 
 The ``icnn`` and ``icnn-l1`` criteria need the run's analysis: ``--analysis analysis.json``, else one
 computed here (once, into ``<out>/analysis``) on the TRAINING split, so that pruning decisions never look
-at the test images the table reports (the pipeline's ``<run>/analysis`` is on the test split). Finished cells are reused, so an
-interrupted study resumes; small budgets: ``--targets 0.5 --criteria icnn l1 --recover-epochs 1``.
+at the test images the table reports (the pipeline's ``<run>/analysis`` is on the test split).
+Finished cells are reused, so an interrupted study resumes; small budgets: ``--targets 0.5 --criteria icnn l1 --recover-epochs 1``.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def _interpretability_table(records: list[dict], base: dict) -> str:
 
 
 def _table(records: list[dict], targets: list[float], criteria: list[str], unpruned: float, epochs: int) -> str:
+    targets = sorted(targets, reverse=True)
     lines = [
         f"Test accuracy (%) after {epochs} recovery epoch(s); in brackets: right after pruning, and the measured "
         f"MACs ratio. Unpruned: {unpruned:.2f}%.",

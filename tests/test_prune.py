@@ -240,9 +240,10 @@ def _synthetic_scores(model: nn.Module, masks: list[str]) -> dict[str, list[Filt
 
 
 @pytest.mark.parametrize("arch,size,criterion,variant", [
-    ("small_cnn", 64, "icnn", "icnn"), ("small_cnn", 64, "icnn-l1", "icnn"), ("small_cnn", 64, "l1", "icnn"), ("small_cnn", 64, "fpgm", "icnn"),
-    ("small_cnn", 64, "taylor", "icnn"), ("small_cnn", 64, "random", "icnn"), ("resnet18", 32, "icnn", "icnn"),
-    ("vgg11", 32, "icnn", "icnn"), ("mobilenet_v2", 32, "icnn", "icnn"), ("resnet18", 32, "l1", "baseline"),
+    ("small_cnn", 64, "icnn", "icnn"), ("small_cnn", 64, "icnn-l1", "icnn"), ("small_cnn", 64, "l1", "icnn"),
+    ("small_cnn", 64, "fpgm", "icnn"), ("small_cnn", 64, "taylor", "icnn"), ("small_cnn", 64, "random", "icnn"),
+    ("resnet18", 32, "icnn", "icnn"), ("vgg11", 32, "icnn", "icnn"), ("mobilenet_v2", 32, "icnn", "icnn"),
+    ("resnet18", 32, "l1", "baseline"),
 ])
 def test_prune_model_meets_the_target_and_replays(arch, size, criterion, variant):
     from icnn_compress.surgery import build_model
@@ -290,8 +291,8 @@ def test_unreachable_target_is_an_error():
     model, _ = _interpretable("small_cnn", 64)
     pruner = MaskPruner()
     with pytest.raises(PruningError, match="lower floor"):
-        prune_model(model, example_inputs=torch.zeros(1, 3, 64, 64), importance=make_importance("l1", mask_pruner=pruner),
-                    mask_pruner=pruner, target_macs=0.2, floor=0.8, steps=4)
+        prune_model(model, example_inputs=torch.zeros(1, 3, 64, 64), mask_pruner=pruner,
+                    importance=make_importance("l1", mask_pruner=pruner), target_macs=0.2, floor=0.8, steps=4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,7 +364,7 @@ def test_prune_run_without_recovery_keeps_the_run_record(trained_run, tmp_path):
 
 def test_resume_needs_an_interrupted_recovery_with_the_same_pruning(trained_run, tmp_path):
     out = tmp_path / "p"
-    with pytest.raises(PruningError, match="no interrupted recovery"):
+    with pytest.raises(PruningError, match="no interrupted recovery"):  # never started
         prune_run(trained_run, out=out, criterion="l1", recover_epochs=1, resume=True, device="cpu", progress=False)
     out.mkdir()
     (out / "last.pt").write_bytes(b"")
@@ -373,3 +374,14 @@ def test_resume_needs_an_interrupted_recovery_with_the_same_pruning(trained_run,
     with pytest.raises(PruningError, match="another result"):
         prune_run(trained_run, out=out, criterion="l1", target_macs=0.9, steps=4, recover_epochs=1, resume=True,
                   device="cpu", progress=False)
+
+
+def test_an_interrupted_recovery_resumes(trained_run, tmp_path):
+    out = tmp_path / "r"
+    settings = dict(criterion="l1", target_macs=0.7, steps=4, device="cpu", progress=False)
+    prune_run(trained_run, out=out, recover_epochs=1, **settings)
+    (out / "model.pt").unlink()  # as if stopped after epoch 1 of 2
+    record = prune_run(trained_run, out=out, recover_epochs=2, resume=True, **settings)
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2] and record["accuracy_recovered"] is not None
+    assert load_run_model(out)[1]["pruning"]["macs_ratio"] == record["macs_ratio"]

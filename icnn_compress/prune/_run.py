@@ -93,8 +93,9 @@ def prune_run(
         round_to, floor, steps: see :func:`prune_model`.
         taylor_batches: training batches per Taylor gradient estimate.
         seed: seeds torch (the ``random`` criterion, the Taylor batches' order).
-        resume: continue an interrupted recovery in ``out`` (its ``last.pt``): the pruning is redone
-            (deterministic for a given seed) and must match the history written before the recovery.
+        resume: continue an interrupted recovery in ``out``: the pruning is redone (deterministic for a
+            given seed) and must match ``history.json``, written before the recovery; the recovery goes on
+            from ``last.pt`` (or restarts when no epoch had finished).
 
     Returns:
         The ``pruning.json`` record.
@@ -108,8 +109,10 @@ def prune_run(
     if out_dir.model_path.exists() or (out_dir.last_path.exists() and not resume):
         raise PruningError(f"{out_dir.path} already holds a run; choose another --out"
                            + ("" if out_dir.model_path.exists() else " or pass --resume to finish its recovery"))
-    if resume and not (out_dir.last_path.exists() and planned.exists()):
-        raise PruningError(f"--resume: {out_dir.path} has no interrupted recovery (last.pt and history.json)")
+    if resume and not planned.exists():
+        raise PruningError(f"--resume: {out_dir.path} has no interrupted recovery (history.json)")
+    # Interrupted before the first recovery epoch ended: nothing to resume from, the recovery restarts.
+    resume_recovery = resume and out_dir.last_path.exists()
     began = time.perf_counter()
     dev = resolve_device(device)
     model, saved = load_run_model(run, device=dev)
@@ -147,8 +150,9 @@ def prune_run(
                                "resume with the same criterion, analysis, target and seed, or start afresh")
         atomic_write_text(planned, json.dumps(history))
         rec = _recovery_recipe(replace(recipe, data=data_cfg), saved, recover_epochs)
-        final = finetune(rec, out_dir.path, arm=saved.get("arm", "icnn"), resume=resume, progress=progress,
-                         model=model, architecture=saved["architecture"], extra={"pruning": history})
+        final = finetune(rec, out_dir.path, arm=saved.get("arm", "icnn"), resume=resume_recovery,
+                         progress=progress, model=model, architecture=saved["architecture"],
+                         extra={"pruning": history})
         acc_recovered = float(final["val_acc"])
     else:
         extra = {k: v for k, v in saved.items() if k not in _RESERVED}
