@@ -9,6 +9,7 @@ One loop serves every arm so that comparisons differ only in what the arm change
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -353,16 +354,8 @@ def _all_finite(finite: Tensor) -> bool:
     return int(bad) == 0
 
 
-class _NoFilterLoss:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _maybe_filter_loss(filter_loss: FilterLoss | None, labels: Tensor, kappa: float):
-    return filter_loss.batch(labels, kappa) if filter_loss is not None else _NoFilterLoss()
+    return filter_loss.batch(labels, kappa) if filter_loss is not None else contextlib.nullcontext()
 
 
 def _prepare(model: nn.Module, setup: _Setup) -> nn.Module:
