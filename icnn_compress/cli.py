@@ -96,8 +96,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from .prune import prune_run
 
     result = prune_run(args.run, out=args.out, analysis=args.analysis, target_macs=args.target_macs,
-                       criterion=args.criterion, recover_epochs=args.recover_epochs, data_root=args.data,
-                       resume=args.resume, progress=not args.quiet)
+                       criterion=args.criterion, recover_epochs=args.recover_epochs, round_to=args.round_to,
+                       floor=args.floor, data_root=args.data, resume=args.resume, progress=not args.quiet)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2, default=str))
     return 0
 
@@ -212,12 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .prune import CRITERIA
 
-    p = sub.add_parser("prune", help="remove silent and redundant filters (torch-pruning), then recover")
+    p = sub.add_parser("prune", help="remove silent and redundant filters (torch-pruning), then recover",
+                       description="Prune a run to a MACs target, then recover. The settings come from the [prune] "
+                                   "section of the run's recipe; each flag given overrides its key.")
     p.add_argument("run", type=Path)
-    p.add_argument("--analysis", type=Path, default=None, help="the run's analysis folder (icnn criterion)")
-    p.add_argument("--target-macs", type=float, default=0.5, help="MACs of the result as a fraction")
-    p.add_argument("--criterion", default="icnn", choices=list(CRITERIA))
-    p.add_argument("--recover-epochs", type=int, default=0)
+    p.add_argument("--analysis", type=Path, default=None, help="the run's analysis folder (icnn criteria)")
+    p.add_argument("--criterion", choices=list(CRITERIA), help="prune.criterion")
+    p.add_argument("--target-macs", type=float, metavar="R", help="prune.target_macs: MACs of the result as a fraction")
+    p.add_argument("--round-to", type=int, metavar="N", help="prune.round_to: kept channels a multiple of N")
+    p.add_argument("--floor", type=float, metavar="F", help="prune.floor: fraction of each layer always kept")
+    p.add_argument("--recover-epochs", type=int, metavar="K", help="prune.recover_epochs: fine-tuning after pruning")
     p.add_argument("--data", type=Path, default=None)
     p.add_argument("--resume", action="store_true", help="continue an interrupted recovery")
     p.add_argument("--out", required=True, type=Path)

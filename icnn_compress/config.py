@@ -26,6 +26,7 @@ __all__ = [
     "ICNNConfig",
     "ModelConfig",
     "PretrainConfig",
+    "PruneConfig",
     "Recipe",
     "TrainConfig",
     "load_recipe",
@@ -47,6 +48,21 @@ def _choices(*values: str, default: Any = dataclasses.MISSING) -> Any:
 def _at_least(bound: float, default: Any) -> Any:
     """A numeric field that must be ``>= bound`` (None passes for Optional fields)."""
     return field(default=default, metadata={"min": bound})
+
+
+def _within(low: float, high: float, default: Any, *, open_low: bool = False, open_high: bool = False) -> Any:
+    """A numeric field inside the interval from ``low`` to ``high`` (each end included unless ``open_*``)."""
+    return field(default=default, metadata={"interval": (low, high, open_low, open_high)})
+
+
+def _interval_holds(value: float, low: float, high: float, open_low: bool, open_high: bool) -> bool:
+    above = low < value if open_low else low <= value
+    below = value < high if open_high else value <= high
+    return above and below  # NaN fails both
+
+
+def _interval_text(low: float, high: float, open_low: bool, open_high: bool) -> str:
+    return f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
 
 
 @dataclass
@@ -132,6 +148,18 @@ class ICNNConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Interpretability-guided structured pruning (``icnn prune``, the pipeline's prune stage)."""
+
+    # the names of icnn_compress.prune.CRITERIA (not imported: the prune stage imports this module)
+    criterion: str = _choices("icnn", "icnn-l1", "l1", "fpgm", "taylor", "random", default="icnn-l1")
+    target_macs: float = _within(0.0, 1.0, 0.5, open_low=True)  # MACs of the result over the unpruned model's
+    round_to: int = _at_least(1, 8)  # kept channel counts rounded to the nearest multiple (1: no rounding)
+    floor: float = _within(0.0, 1.0, 0.25, open_low=True, open_high=True)  # fraction of each layer always kept
+    recover_epochs: int = _at_least(0, 1)  # fine-tuning epochs after pruning (0: save the pruned model as is)
+
+
+@dataclass
 class Recipe:
     """A whole recipe: one field per TOML section."""
 
@@ -140,6 +168,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     icnn: ICNNConfig = field(default_factory=ICNNConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,6 +275,9 @@ def _from_dict(cls: type, data: Any, *, prefix: str, source: str) -> Any:
         bound = f.metadata.get("min")
         if bound is not None and value is not None and not value >= bound:
             raise RecipeError(f"{source}: '{dotted}' must be >= {bound}, got {value!r}")
+        interval = f.metadata.get("interval")
+        if interval is not None and value is not None and not _interval_holds(value, *interval):
+            raise RecipeError(f"{source}: '{dotted}' must be in {_interval_text(*interval)}, got {value!r}")
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -331,7 +363,7 @@ def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """Return the Recipe in TOML file ``path`` (None: the defaults) with ``--set`` overrides applied.
 
     Args:
-        path: a TOML file with sections ``[model] [data] [train] [pretrain] [icnn]``.
+        path: a TOML file with sections ``[model] [data] [train] [pretrain] [icnn] [prune]``.
         overrides: ``"section.key=value"`` strings; the value is read as TOML, else as a bare string, and
             ``none``/``null`` clears an optional field (``--set model.weights=none``).
     """

@@ -53,21 +53,26 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, arms: tuple[str, ...] = ("b
         results[arm] = evaluate_run(run, split="test", json_path=run / "evaluate.json", progress=progress)
     if {"icnn", "baseline"} <= set(results):
         _analyse(out, progress)
-        results["pruned"] = _prune_and_export(out, progress)
+        results["pruned"] = _prune_and_export(recipe, out, progress)
     atomic_write_text(out / "summary.json", json.dumps(results, indent=2))
     return results
 
 
-def _prune_and_export(out: Path, progress: bool) -> dict:
-    """Prune the ICNN run to half its MACs with the icnn criterion, recover one epoch, export and check parity."""
+def _prune_and_export(recipe: Recipe, out: Path, progress: bool) -> dict:
+    """Prune the ICNN run as the recipe's ``[prune]`` section says, recover, export and check parity."""
     from .export import export_onnx
     from .prune import prune_run
 
     pruned = out / "pruned"
     if not (pruned / "model.pt").exists():
-        log.info("stage: prune to 0.5 MACs (icnn criterion) and recover")
-        prune_run(out / "icnn", out=pruned, analysis=out / "icnn" / "analysis", target_macs=0.5,
-                  criterion="icnn", recover_epochs=1, resume=(pruned / "history.json").exists(), progress=progress)
+        settings = recipe.prune
+        log.info("stage: prune to %g MACs (%s criterion, round_to %d) and recover %d epochs", settings.target_macs,
+                 settings.criterion, settings.round_to, settings.recover_epochs)
+        # the settings are passed, not left to the icnn run's stored recipe: a rerun with --set prune.* uses them
+        prune_run(out / "icnn", out=pruned, analysis=out / "icnn" / "analysis", target_macs=settings.target_macs,
+                  criterion=settings.criterion, round_to=settings.round_to, floor=settings.floor,
+                  recover_epochs=settings.recover_epochs, resume=(pruned / "history.json").exists(),
+                  progress=progress)
     if not (pruned / "parity.json").exists():
         log.info("stage: ONNX export and parity")
         export_onnx(pruned, pruned / "model.onnx", parity_json=pruned / "parity.json")

@@ -56,15 +56,54 @@ def test_evaluate_a_missing_run(capsys, tmp_path):
     assert code == 2 and "not found" in err
 
 
-def test_finetune_and_evaluate_through_the_command(capsys, tmp_path, tiny_parts):
-    out = tmp_path / "run"
-    code, _, _ = run(capsys, "finetune", str(QUICKSTART), "--out", str(out), "--masks-only",
-                     "--set", f"data.root={tiny_parts}", "--set", "train.epochs=1", "--set", "pretrain.epochs=0")
+@pytest.fixture(scope="module")
+def masks_only_run(tiny_parts, tmp_path_factory):
+    """A masks-only run fine-tuned through the command, with a [prune] section unlike any recipe's."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    code = main(["-q", "finetune", str(QUICKSTART), "--out", str(out), "--masks-only",
+                 "--set", f"data.root={tiny_parts}", "--set", "train.epochs=1", "--set", "pretrain.epochs=0",
+                 "--set", "prune.criterion=l1", "--set", "prune.target_macs=0.8", "--set", "prune.round_to=4",
+                 "--set", "prune.floor=0.5", "--set", "prune.recover_epochs=0"])
     assert code == 0
-    code, printed, _ = run(capsys, "evaluate", str(out), "--data", str(tiny_parts), "--json", str(tmp_path / "e.json"))
+    return out
+
+
+def test_finetune_and_evaluate_through_the_command(capsys, tmp_path, tiny_parts, masks_only_run):
+    code, printed, _ = run(capsys, "evaluate", str(masks_only_run), "--data", str(tiny_parts),
+                           "--json", str(tmp_path / "e.json"))
     assert code == 0
     assert json.loads(printed)["num_images"] == 32
     assert json.loads((tmp_path / "e.json").read_text())["arm"] == "masks-only"
+
+
+def _pruning(folder: Path) -> dict:
+    """The settings a pruned run was made with, from its pruning.json."""
+    record = json.loads((folder / "pruning.json").read_text())
+    return {"criterion": record["criterion"], "target_macs": record["target_macs"],
+            "round_to": record["history"]["round_to"], "floor": record["history"]["floor"],
+            "recover_epochs": record["recover_epochs"], "recovered": record["accuracy_recovered"] is not None}
+
+
+def test_prune_takes_the_run_recipe_and_the_flags_override_it(capsys, tmp_path, masks_only_run):
+    code, _, _ = run(capsys, "prune", str(masks_only_run), "--out", str(tmp_path / "recipe"))
+    assert code == 0
+    assert _pruning(tmp_path / "recipe") == {"criterion": "l1", "target_macs": 0.8, "round_to": 4, "floor": 0.5,
+                                             "recover_epochs": 0, "recovered": False}
+    code, _, _ = run(capsys, "prune", str(masks_only_run), "--out", str(tmp_path / "flags"), "--criterion", "random",
+                     "--target-macs", "0.6", "--round-to", "2", "--floor", "0.3", "--recover-epochs", "1")
+    assert code == 0
+    assert _pruning(tmp_path / "flags") == {"criterion": "random", "target_macs": 0.6, "round_to": 2, "floor": 0.3,
+                                            "recover_epochs": 1, "recovered": True}
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--criterion", "icnn-l1"], "the icnn-l1 criterion needs the analysis of the run (--analysis analysis.json)"),
+    (["--floor", "1.5"], "'prune.floor' must be in (0, 1), got 1.5"),
+    (["--round-to", "0"], "'prune.round_to' must be >= 1, got 0"),
+])
+def test_prune_flags_are_checked(capsys, tmp_path, masks_only_run, flags, message):
+    code, _, err = run(capsys, "prune", str(masks_only_run), "--out", str(tmp_path / "p"), *flags)
+    assert code == 2 and message in err and not (tmp_path / "p" / "model.pt").exists()
 
 
 def test_make_dataset(capsys, tmp_path):

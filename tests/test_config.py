@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from icnn_compress.config import (
     DataConfig,
     ICNNConfig,
+    PruneConfig,
     Recipe,
     TrainConfig,
     load_recipe,
@@ -22,6 +23,9 @@ from icnn_compress.config import (
     recipe_to_toml,
 )
 from icnn_compress.errors import RecipeError
+
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -66,6 +70,36 @@ beta = 2
     assert recipe.train.epochs == 10  # untouched keys keep their defaults
 
 
+def test_prune_section(tmp_path: Path) -> None:
+    text = '[prune]\ncriterion = "l1"\ntarget_macs = 1\nround_to = 16\nfloor = 0.5\nrecover_epochs = 0\n'
+    path = write(tmp_path, text)
+    assert load_recipe(path).prune == PruneConfig(criterion="l1", target_macs=1.0, round_to=16, floor=0.5,
+                                                  recover_epochs=0)
+    assert load_recipe().prune == PruneConfig(criterion="icnn-l1", target_macs=0.5, round_to=8, floor=0.25,
+                                              recover_epochs=1)
+    assert load_recipe(None, ["prune.round_to=16"]).prune.round_to == 16
+    with pytest.raises(RecipeError, match=r"unknown key 'prune.round'; did you mean 'prune.round_to'\?"):
+        load_recipe(write(tmp_path, "[prune]\nround = 16\n"))
+
+
+def test_prune_criteria_are_the_pruning_stage_criteria() -> None:
+    from icnn_compress.prune import CRITERIA
+
+    criterion = next(f for f in dataclasses.fields(PruneConfig) if f.name == "criterion")
+    assert criterion.metadata["choices"] == CRITERIA
+
+
+def test_recipes_carry_a_prune_section() -> None:
+    import tomllib
+
+    paths = sorted(RECIPES.glob("*.toml"))
+    assert paths
+    for path in paths:
+        assert "prune" in tomllib.loads(path.read_text()), path.name
+    assert load_recipe(RECIPES / "quickstart.toml").prune == PruneConfig(criterion="icnn-l1", target_macs=0.5,
+                                                                         round_to=16, floor=0.25, recover_epochs=1)
+
+
 def test_unknown_key_suggests(tmp_path: Path) -> None:
     path = write(tmp_path, "[train]\nepoch = 3\n")
     expected = f"{re.escape(str(path))}: unknown key 'train.epoch'; did you mean 'train.epochs'\\? valid keys: "
@@ -95,6 +129,7 @@ def test_section_must_be_a_table(tmp_path: Path) -> None:
         ("[train]\nlr = true\n", r"'train.lr' expects float, got True \(bool\)"),
         ('[data]\nmean = [0.5, "x", 0.5]\n', r"'data.mean' expects list\[float\], got \[0.5, 'x', 0.5\]"),
         ("[model]\nweights = 1\n", r"'model.weights' expects str \| None, got 1 \(int\)"),
+        ("[prune]\nround_to = 8.0\n", r"'prune.round_to' expects int, got 8.0 \(float\)"),
     ],
 )
 def test_wrong_type(tmp_path: Path, text: str, message: str) -> None:
@@ -114,6 +149,15 @@ def test_wrong_type(tmp_path: Path, text: str, message: str) -> None:
         ('[icnn]\nbeta = "fixed"\n', r"'icnn.beta' must be one of 'learned' or a number, got 'fixed'"),
         ('[data]\ngenerate = "cub"\n', r"'data.generate' must be one of 'parts', 'fashion-canvas', got 'cub'"),
         ("[train]\nbatch_size = 0\n", r"'train.batch_size' must be >= 1, got 0"),
+        ('[prune]\ncriterion = "l2"\n', r"'prune.criterion' must be one of 'icnn', 'icnn-l1', 'l1', 'fpgm', "
+                                       r"'taylor', 'random', got 'l2'"),
+        ("[prune]\ntarget_macs = 0\n", r"'prune.target_macs' must be in \(0, 1\], got 0.0"),
+        ("[prune]\ntarget_macs = 1.5\n", r"'prune.target_macs' must be in \(0, 1\], got 1.5"),
+        ("[prune]\ntarget_macs = nan\n", r"'prune.target_macs' must be in \(0, 1\], got nan"),
+        ("[prune]\nfloor = 1\n", r"'prune.floor' must be in \(0, 1\), got 1.0"),
+        ("[prune]\nfloor = 0.0\n", r"'prune.floor' must be in \(0, 1\), got 0.0"),
+        ("[prune]\nround_to = 0\n", r"'prune.round_to' must be >= 1, got 0"),
+        ("[prune]\nrecover_epochs = -1\n", r"'prune.recover_epochs' must be >= 0, got -1"),
     ],
 )
 def test_bad_enum_or_bound(tmp_path: Path, text: str, message: str) -> None:
@@ -171,6 +215,8 @@ def test_override_applies_after_file_and_last_wins(tmp_path: Path) -> None:
         ("train.epochs=three", r"--set train.epochs=three: 'train.epochs' expects int, got 'three' \(str\)"),
         ("train.epochs=none", r"'train.epochs' expects int, got 'none'"),  # not Optional: no None
         ("train.optimizer=adam", r"'train.optimizer' must be one of 'sgd', 'adamw', got 'adam'"),
+        ("prune.floor=1.5", r"^--set prune.floor=1.5: 'prune.floor' must be in \(0, 1\), got 1.5$"),
+        ("prune.round_to=16.5", r"--set prune.round_to=16.5: 'prune.round_to' expects int, got 16.5"),
     ],
 )
 def test_bad_overrides(override: str, message: str) -> None:

@@ -317,6 +317,7 @@ def test_prune_run_recovers_saves_and_reloads_in_a_fresh_process(trained_run, tm
     record = prune_run(trained_run, out=out, analysis=analysis / "analysis.json", target_macs=0.5, criterion="icnn",
                        recover_epochs=1, steps=8, device="cpu", progress=False)
     assert record["macs_ratio"] <= 0.5 and record["accuracy_recovered"] is not None
+    assert record["history"]["round_to"] == 16 and record["history"]["floor"] == 0.25  # the quickstart's [prune]
     written = json.loads((out / "pruning.json").read_text())
     assert written["criterion"] == "icnn" and written["history"]["steps"]
 
@@ -351,8 +352,8 @@ def test_prune_run_recovers_saves_and_reloads_in_a_fresh_process(trained_run, tm
 
 
 def test_prune_run_without_recovery_keeps_the_run_record(trained_run, tmp_path):
-    record = prune_run(trained_run, out=tmp_path / "l1", target_macs=0.7, criterion="l1", steps=8, device="cpu",
-                       progress=False)
+    record = prune_run(trained_run, out=tmp_path / "l1", target_macs=0.7, criterion="l1", recover_epochs=0, steps=8,
+                       device="cpu", progress=False)
     assert record["accuracy_recovered"] is None and record["macs_ratio"] <= 0.7
     model, saved = load_run_model(tmp_path / "l1")
     assert saved["arm"] == "icnn" and saved["pruning"]["criterion"] == "l1"

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from icnn_compress.checkpoint import RunDir, atomic_write_text, save_model_file
-from icnn_compress.config import Recipe, recipe_from_dict
+from icnn_compress.config import PruneConfig, Recipe, recipe_from_dict, recipe_to_dict
 from icnn_compress.data.recipe import open_split
 from icnn_compress.train import finetune, load_run_model, loader, resolve_device, validate
 
 from ._graph import prune_model
-from ._importance import CRITERIA, MaskPruner, make_importance
+from ._importance import MaskPruner, make_importance
 from ._scores import PruningError, load_filter_scores
 
 __all__ = ["prune_run"]
@@ -56,16 +56,23 @@ def _recovery_recipe(recipe: Recipe, saved: dict, epochs: int) -> Recipe:
     return replace(recipe, train=replace(recipe.train, epochs=epochs), icnn=icnn)
 
 
+def _settings(recipe: Recipe, run: str | Path, **given: Any) -> PruneConfig:
+    """The recipe's ``[prune]`` section with the ``given`` values that are not None, checked like recipe keys."""
+    given = {key: value for key, value in given.items() if value is not None}
+    table = recipe_to_dict(recipe)["prune"] | given
+    return recipe_from_dict({"prune": table}, source=f"pruning {run} with {given}").prune
+
+
 def prune_run(
     run: str | Path,
     *,
     out: str | Path,
     analysis: str | Path | dict | None = None,
-    target_macs: float = 0.5,
-    criterion: str = "icnn",
-    recover_epochs: int = 0,
-    round_to: int | None = 8,
-    floor: float = 0.25,
+    target_macs: float | None = None,
+    criterion: str | None = None,
+    recover_epochs: int | None = None,
+    round_to: int | None = None,
+    floor: float | None = None,
     steps: int = 32,
     taylor_batches: int = 4,
     seed: int = 0,
@@ -82,6 +89,9 @@ def prune_run(
     test split, and the pruning history. ``model.pt`` holds the same history under ``"pruning"``
     (``history.json``, written before a recovery, lets an interrupted recovery resume).
 
+    ``target_macs``, ``criterion``, ``recover_epochs``, ``round_to`` and ``floor`` left at None take the
+    value of the ``[prune]`` section of the run's recipe (stored in its ``model.pt``).
+
     Args:
         run: an unpruned run directory (or model file) from ``icnn finetune`` / ``icnn pipeline``.
         analysis: the run's ``analysis.json`` (or its folder); required by the ``icnn*`` criteria.
@@ -90,7 +100,7 @@ def prune_run(
             :func:`make_importance`).
         recover_epochs: fine-tuning epochs after pruning, with the run's arm (filter loss on for ``icnn``
             at the run's κ₀) and its recipe otherwise; 0 saves the pruned model as is.
-        round_to, floor, steps: see :func:`prune_model`.
+        round_to, floor, steps: see :func:`prune_model` (``round_to=1``: no rounding).
         taylor_batches: training batches per Taylor gradient estimate.
         seed: seeds torch (the ``random`` criterion, the Taylor batches' order).
         resume: continue an interrupted recovery in ``out``: the pruning is redone (deterministic for a
@@ -100,10 +110,6 @@ def prune_run(
     Returns:
         The ``pruning.json`` record.
     """
-    if criterion not in CRITERIA:
-        raise PruningError(f"unknown criterion {criterion!r}: use one of {', '.join(CRITERIA)}")
-    if recover_epochs < 0:
-        raise PruningError(f"recover_epochs must be >= 0, got {recover_epochs}")
     out_dir = RunDir(Path(out))
     planned = out_dir.path / "history.json"
     if out_dir.model_path.exists() or (out_dir.last_path.exists() and not resume):
@@ -119,6 +125,8 @@ def prune_run(
     if saved.get("pruning"):
         raise PruningError(f"{run} is already pruned; prune its unpruned parent run (pruning twice is not supported)")
     recipe = recipe_from_dict(saved["recipe"], source=f"{run}/model.pt")
+    settings = _settings(recipe, run, target_macs=target_macs, criterion=criterion, recover_epochs=recover_epochs,
+                         round_to=round_to, floor=floor)
     data_cfg = _data(recipe, data_root)
     test_set = open_split(data_cfg, "test", progress=progress)
     test = loader(test_set, batch_size=recipe.train.eval_batch_size, shuffle=False, seed=0, workers=0, device=dev)
@@ -126,30 +134,32 @@ def prune_run(
 
     torch.manual_seed(seed)
     mask_pruner = MaskPruner()
-    scores = load_filter_scores(analysis) if criterion.startswith("icnn") else None
-    importance = make_importance(criterion, mask_pruner=mask_pruner, scores=scores)
+    # without an analysis, make_importance raises the error that asks for --analysis
+    read_scores = settings.criterion.startswith("icnn") and analysis is not None
+    scores = load_filter_scores(analysis) if read_scores else None
+    importance = make_importance(settings.criterion, mask_pruner=mask_pruner, scores=scores)
     before_step = None
-    if criterion == "taylor":
+    if settings.criterion == "taylor":
         train_set = open_split(data_cfg, "train", progress=progress)
         train = loader(train_set, batch_size=recipe.train.batch_size, shuffle=True, seed=seed, workers=0, device=dev)
         before_step = _taylor_backward(train, dev, taylor_batches)
     size = saved["architecture"]["image_size"]
     history = prune_model(model, example_inputs=torch.zeros(1, 3, size, size, device=dev), importance=importance,
-                          mask_pruner=mask_pruner, target_macs=target_macs, round_to=round_to, floor=floor,
-                          steps=steps, before_step=before_step)
-    history.update(criterion=criterion, source=str(run), seed=seed,
+                          mask_pruner=mask_pruner, target_macs=settings.target_macs,
+                          round_to=settings.round_to, floor=settings.floor, steps=steps, before_step=before_step)
+    history.update(criterion=settings.criterion, source=str(run), seed=seed,
                    analysis=str(analysis) if isinstance(analysis, (str, Path)) else None)
     acc_pruned = validate(model, test, dev, amp=False, channels_last=False)
-    log.info("pruned with %s to %.3f MACs: accuracy %.2f -> %.2f", criterion, history["macs_ratio"], acc_before,
-             acc_pruned)
+    log.info("pruned with %s to %.3f MACs: accuracy %.2f -> %.2f", settings.criterion, history["macs_ratio"],
+             acc_before, acc_pruned)
 
     acc_recovered = None
-    if recover_epochs > 0:
+    if settings.recover_epochs > 0:
         if resume and json.loads(planned.read_text())["steps"] != history["steps"]:
             raise PruningError(f"--resume: pruning {run} again gave another result than {planned}; "
                                "resume with the same criterion, analysis, target and seed, or start afresh")
         atomic_write_text(planned, json.dumps(history))
-        rec = _recovery_recipe(replace(recipe, data=data_cfg), saved, recover_epochs)
+        rec = _recovery_recipe(replace(recipe, data=data_cfg), saved, settings.recover_epochs)
         final = finetune(rec, out_dir.path, arm=saved.get("arm", "icnn"), resume=resume_recovery,
                          progress=progress, model=model, architecture=saved["architecture"],
                          extra={"pruning": history})
@@ -159,8 +169,8 @@ def prune_run(
         save_model_file(out_dir.ensure().model_path, state_dict=model.state_dict(), architecture=saved["architecture"],
                         classes=saved["classes"], extra={**extra, "pruning": history})
     record = {
-        "criterion": criterion,
-        "target_macs": target_macs,
+        "criterion": settings.criterion,
+        "target_macs": settings.target_macs,
         "macs_ratio": history["macs_ratio"],
         "base_macs": history["base_macs"],
         "macs": history["macs"],
@@ -169,7 +179,7 @@ def prune_run(
         "accuracy_unpruned": acc_before,
         "accuracy_pruned": acc_pruned,
         "accuracy_recovered": acc_recovered,
-        "recover_epochs": recover_epochs,
+        "recover_epochs": settings.recover_epochs,
         "seconds": time.perf_counter() - began,
         "history": history,
     }
