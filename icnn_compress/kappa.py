@@ -22,10 +22,13 @@ from torch import nn
 from .errors import TrainingError
 from .loss import FilterLoss
 
-__all__ = ["R_BANDS", "CollapseGuard", "calibrate_kappa"]
+__all__ = ["R_BANDS", "R_COLLAPSE", "CollapseGuard", "calibrate_kappa"]
 
 # optimiser family -> (target R, lower edge, upper edge) at the top masked layer
 R_BANDS: dict[str, tuple[float, float, float]] = {"sgd": (6.0, 4.0, 12.0), "adamw": (0.6, 0.4, 1.2)}
+# optimiser family -> the R_top over an epoch at which METHOD.md §8 saw runs collapse (SGD ≥ 14; AdamW
+# about ten times less): the collapse guard backs off as soon as an epoch reaches it.
+R_COLLAPSE: dict[str, float] = {"sgd": 14.0, "adamw": 1.4}
 
 
 def calibrate_kappa(
@@ -108,9 +111,11 @@ class CollapseGuard:
 
     A collapse is: a non-finite loss; dead filters (silent on every image of the epoch) jumping by more
     than ``dead_jump`` of a layer's filters (at least 2) over the last good epoch; the training loss
-    rising above ``loss_spike`` times the last good epoch's; or validation accuracy falling more than
-    ``acc_drop`` points below the best so far. The caller then restores the last good state and calls
-    :meth:`back_off`.
+    rising above ``loss_spike`` times the last good epoch's; validation accuracy falling more than
+    ``acc_drop`` points below the best so far; or R at the top masked layer reaching ``r_collapse``
+    (the injected gradient swamping the task's: the model degrades before any filter dies). The caller
+    then restores the last good state and calls :meth:`back_off`, which lowers κ₀ by ``factor``, or, after
+    an R verdict, by as much as puts R back on ``r_target`` when that is more.
     """
 
     def __init__(
@@ -123,11 +128,15 @@ class CollapseGuard:
         factor: float = 1 / 3,
         max_backoffs: int = 5,
         initial: dict | None = None,
+        r_collapse: float = math.inf,
+        r_target: float | None = None,
     ) -> None:
         self.enabled = enabled
         self.dead_jump, self.loss_spike, self.acc_drop = dead_jump, loss_spike, acc_drop
         self.factor, self.max_backoffs = factor, max_backoffs
+        self.r_collapse, self.r_target = r_collapse, r_target
         self.backoffs = 0
+        self._r_factor = 1.0  # the κ factor that puts the last R verdict's R on r_target
         self.last: dict | None = initial
         self.best_acc = -math.inf
 
@@ -135,6 +144,7 @@ class CollapseGuard:
         """Return why ``record`` (one epoch) is a collapse, or None (and remember it as the last good one)."""
         if not self.enabled:
             return None
+        self._r_factor = 1.0
         verdict = self._verdict(record)
         if verdict is None:
             self.last = record
@@ -156,6 +166,12 @@ class CollapseGuard:
         acc = record.get("val_acc")
         if acc is not None and acc < self.best_acc - self.acc_drop:
             return f"validation accuracy fell to {acc:.1f}% from {self.best_acc:.1f}%"
+        name, top = next(iter(record.get("layers", {}).items()), (None, {}))
+        r = top.get("R")
+        if r is not None and r >= self.r_collapse:
+            if self.r_target:
+                self._r_factor = self.r_target / r
+            return f"R at {name} reached {r:.3g} (runs collapse from {self.r_collapse:g}, METHOD.md §8)"
         return None
 
     def back_off(self, kappa0: float) -> float:
@@ -166,7 +182,7 @@ class CollapseGuard:
                 f"training kept collapsing after {self.max_backoffs} reductions of κ (now {kappa0:.3g}); "
                 "set icnn.kappa lower by hand or check train.lr"
             )
-        return kappa0 * self.factor
+        return kappa0 * min(self.factor, self._r_factor)
 
     def final_check(self, record: dict, *, max_dead: float = 0.5) -> None:
         """Refuse to finish with a collapsed model: raise when a masked layer ends mostly dead."""

@@ -48,7 +48,7 @@ from .distributed import (
     world_size,
 )
 from .errors import TrainingError
-from .kappa import CollapseGuard, calibrate_kappa
+from .kappa import R_BANDS, R_COLLAPSE, CollapseGuard, calibrate_kappa
 from .loss import FilterLoss
 from .surgery import build_base_model, build_model, make_interpretable
 
@@ -493,7 +493,8 @@ def finetune(
     if calibration is not None and start == 1:
         initial = {"train_loss": calibration["task_loss"],
                    "layers": {n: {"dead": d} for n, d in calibration["dead"].items()}}
-    guard = CollapseGuard(enabled=recipe.icnn.collapse_guard and arm == "icnn", initial=initial)
+    guard = CollapseGuard(enabled=recipe.icnn.collapse_guard and arm == "icnn", initial=initial,
+                          r_collapse=R_COLLAPSE[t.optimizer], r_target=R_BANDS[t.optimizer][0])
     if guard.enabled and start == 1:
         _, test_data = setup.loaders(t.seed)
         _, dead = validate_filters(model, test_data, setup.device, filter_loss.masks, amp=setup.amp,

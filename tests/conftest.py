@@ -8,6 +8,7 @@ import pytest
 
 from icnn_compress.config import load_recipe
 from icnn_compress.data.generate import generate_parts_dataset
+from icnn_compress.train import pretrain
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.toml"
 
@@ -29,4 +30,19 @@ def tiny_recipe(tiny_parts):
             "train.batch_size=16", "train.eval_batch_size=64", "icnn.kappa=1e-3", "model.arch=icnn_compress.zoo:small_cnn",
             *extra,
         ])
+    return make
+
+
+@pytest.fixture(scope="session")
+def learned_plain(tmp_path_factory):
+    """Recipe maker on a 2-category, 32-px parts set whose plain small CNN has learned something (20 epochs)."""
+    base = tmp_path_factory.mktemp("learned")
+    root = generate_parts_dataset(base / "parts", seed=1, num_classes=2, train_per_class=200, test_per_class=50,
+                                  image_size=32, progress=False)
+    overrides = [f"data.root={root}", "data.generate=none", "data.image_size=32", "train.batch_size=16",
+                 "train.eval_batch_size=64", "train.epochs=3"]
+    plain = pretrain(load_recipe(QUICKSTART, [*overrides, "pretrain.epochs=20"]), base / "plain", progress=False)
+
+    def make(*extra: str):
+        return load_recipe(QUICKSTART, [*overrides, f"model.checkpoint={plain}", *extra])
     return make

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from icnn_compress.errors import TrainingError
-from icnn_compress.kappa import R_BANDS, CollapseGuard, calibrate_kappa
+from icnn_compress.kappa import R_BANDS, R_COLLAPSE, CollapseGuard, calibrate_kappa
 from icnn_compress.loss import FilterLoss, positive_pairs, reference_gradient, class_weights
 from icnn_compress.mask import InterpretableMask
 
@@ -67,8 +67,9 @@ def test_pilot_ratio_comes_from_real_gradient_norms_and_sets_kappa_on_target():
     assert 8 < r / r10 < 12
 
 
-def record(loss=1.0, dead=0, acc=90.0, filters=100):
-    return {"train_loss": loss, "val_acc": acc, "layers": {"top": {"dead": dead, "filters": filters}}}
+def record(loss=1.0, dead=0, acc=90.0, filters=100, r=None):
+    top = {"dead": dead, "filters": filters} | ({} if r is None else {"R": r})
+    return {"train_loss": loss, "val_acc": acc, "layers": {"top": top, "next": {"dead": 0, "filters": 10, "R": 99.0}}}
 
 
 def test_guard_verdicts():
@@ -80,6 +81,16 @@ def test_guard_verdicts():
     assert "accuracy fell" in guard.check(record(acc=70.0))
     assert "not finite" in guard.check(record(loss=math.inf))
     assert CollapseGuard(enabled=False).check(record(loss=math.inf)) is None
+
+
+def test_guard_backs_off_when_r_at_the_top_layer_reaches_the_collapse_edge():
+    guard = CollapseGuard(enabled=True, r_collapse=R_COLLAPSE["adamw"], r_target=R_BANDS["adamw"][0])
+    assert guard.check(record(r=1.3)) is None  # only the top layer's R counts (the next one has 99)
+    assert "R at top reached 6" in guard.check(record(r=6.0))
+    # the back-off puts R on the target: 0.6 / 6 = 0.1, more than the default factor 1/3
+    assert guard.back_off(3e-3) == pytest.approx(3e-4)
+    assert "R at top" in guard.check(record(r=1.5))
+    assert guard.back_off(3e-4) == pytest.approx(1e-4)  # 0.6 / 1.5 = 0.4 is less: the default 1/3 holds
 
 
 def test_guard_backs_off_then_gives_up_and_refuses_a_collapsed_end():

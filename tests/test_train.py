@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from icnn_compress.checkpoint import atomic_save
+from icnn_compress.checkpoint import atomic_save, load_model_file
 from icnn_compress.errors import CheckpointError, TrainingError
 from icnn_compress.evaluate import evaluate_run
 from icnn_compress.surgery import build_base_model
@@ -104,3 +104,25 @@ def test_learning_rate_schedules():
     assert lr_at(1e-2, 1e-3, "cosine", 10, 1, 0.0, 4) == pytest.approx(1e-2)
     assert lr_at(1e-2, 1e-3, "cosine", 10, 3, 0.0, 4) == pytest.approx(5.5e-3)
 
+
+
+def test_a_kappa_ten_times_too_large_is_backed_off_and_the_run_ends_alive(learned_plain, tmp_path):
+    """METHOD.md §8: ten times the working κ ruins the model. The guard must see it at epoch 1 (R far
+    above the collapse edge), restore, lower κ and finish with live filters and the auto run's accuracy."""
+    auto = finetune(learned_plain(), tmp_path / "auto", progress=False)
+    kappa0 = load_model_file(tmp_path / "auto" / "model.pt")["kappa0"]
+    final = finetune(learned_plain(f"icnn.kappa={10 * kappa0}"), tmp_path / "x10", progress=False)
+
+    records = _records(tmp_path / "x10")
+    collapsed = [r for r in records if "collapse" in r]
+    seen = [(r["epoch"], r["val_acc"], r["layers"]["features.14.mask"]["R"], r.get("collapse")) for r in records]
+    assert collapsed and collapsed[0]["epoch"] == 1, seen
+    assert "R at features.14.mask reached" in collapsed[0]["collapse"]
+    assert collapsed[0]["kappa0"] == pytest.approx(10 * kappa0)
+    good = [r for r in records if "collapse" not in r]
+    assert [r["epoch"] for r in good] == [1, 2, 3]
+    assert good[0]["kappa0"] < 10 * kappa0 / 3  # lowered at least by the guard's default factor
+    for layer in final["layers"].values():
+        assert layer["dead"] <= 0.1 * layer["filters"]
+    assert final["val_acc"] >= auto["val_acc"] - 5.0, (seen, auto["val_acc"])
+    assert auto["val_acc"] >= 65.0  # the plain model learned: the comparison means something
