@@ -23,11 +23,12 @@ def tiny_parts(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_recipe(tiny_parts):
-    """The quickstart recipe shrunk to seconds: 1 plain epoch, 2 fine-tuning epochs, a fixed κ."""
+    """The quickstart recipe shrunk to seconds: no plain epoch, 2 fine-tuning epochs, SGD and a fixed κ."""
     def make(*extra: str):
         return load_recipe(QUICKSTART, [
             f"data.root={tiny_parts}", "data.generate=none", "pretrain.epochs=0", "train.epochs=2",
-            "train.batch_size=16", "train.eval_batch_size=64", "icnn.kappa=1e-3", "model.arch=icnn_compress.zoo:small_cnn",
+            "train.batch_size=16", "train.eval_batch_size=64", "train.optimizer=sgd", "train.lr=0.01",
+            "train.lr_end=0.001", "icnn.kappa=3e-4", "model.arch=icnn_compress.zoo:small_cnn",
             *extra,
         ])
     return make

@@ -61,7 +61,7 @@ def _finetune_worker(rank: int, port: int, root: str, run: str, dump: str) -> No
     for name in ("atomic_save", "atomic_write_text", "append_jsonl", "save_model_file"):
         setattr(train, name, record(name, getattr(train, name)))
     recipe = load_recipe(QUICKSTART, [
-        "pretrain.epochs=0", "train.epochs=1", "train.batch_size=8", "icnn.kappa=1e-3", "data.generate=none",
+        "pretrain.epochs=0", "train.epochs=1", "train.batch_size=8", "icnn.kappa=2e-5", "data.generate=none",
         f"data.root={root}", "train.device=cpu", "train.eval_batch_size=16",
     ])
     classes = open_split(recipe.data, "train", progress=False).classes

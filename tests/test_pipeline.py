@@ -28,7 +28,7 @@ def _pipeline(capsys, tiny_parts: Path, out: Path) -> tuple[int, str, str]:
     """``icnn -q pipeline quickstart.toml --out OUT`` shrunk to seconds; returns (exit code, stdout, stderr)."""
     overrides = [
         f"data.root={tiny_parts}", "data.generate=none", "pretrain.epochs=1", "train.epochs=1",
-        "train.batch_size=16", "train.eval_batch_size=64", "icnn.kappa=1e-3", "prune.recover_epochs=1",
+        "train.batch_size=16", "train.eval_batch_size=64", "icnn.kappa=2e-5", "prune.recover_epochs=1",
     ]
     code = main(["-q", "pipeline", str(QUICKSTART), "--out", str(out), *(a for o in overrides for a in ("--set", o))])
     captured = capsys.readouterr()
@@ -110,8 +110,8 @@ def test_pipeline_end_to_end_resumes_after_an_interrupt_and_skips_finished_stage
         assert (out / row / "model.pt").is_file()
         assert json.loads((out / row / "evaluate.json").read_text()) == res
     assert summary["baseline"]["kappa0"] == summary["masks-only"]["kappa0"] == 0.0
-    # the collapse guard may lower the fixed κ₀ of 1e-3, never raise it; the recovery keeps the run's κ₀
-    assert 0.0 < summary["icnn"]["kappa0"] <= 1e-3
+    # the collapse guard may lower the fixed κ₀ of 2e-5, never raise it; the recovery keeps the run's κ₀
+    assert 0.0 < summary["icnn"]["kappa0"] <= 2e-5
     assert summary["pruned"]["kappa0"] == summary["icnn"]["kappa0"]
 
     # the printed table: header, rule, one row per arm (in order, with its accuracy), the references line
@@ -162,6 +162,17 @@ def test_pipeline_end_to_end_resumes_after_an_interrupt_and_skips_finished_stage
     assert code == 0, stderr
     assert again == stdout
     assert json.loads((out / "summary.json").read_text()) == summary
+
+    # 4. A parity check that failed (its parity.json says so) is not a finished stage: a rerun exports again.
+    (out / "pruned" / "parity.json").write_text(json.dumps({**parity, "passed": False}))
+    calls.clear()
+    with monkeypatch.context() as m:
+        for module, name in _STAGES:
+            _spy(m, calls, module, name)
+        code, _, stderr = _pipeline(capsys, tiny_parts, out)
+    assert code == 0, stderr
+    assert calls == ["export_onnx"]
+    assert json.loads((out / "pruned" / "parity.json").read_text())["passed"] is True
 
 
 def test_format_table_exact_text():

@@ -303,7 +303,7 @@ def test_unreachable_target_is_an_error():
 def trained_run(tiny_parts, tmp_path_factory):
     recipe = load_recipe(QUICKSTART, [
         f"data.root={tiny_parts}", "data.generate=none", "pretrain.epochs=0", "train.epochs=1",
-        "train.batch_size=16", "train.eval_batch_size=64", "icnn.kappa=1e-3", "model.arch=icnn_compress.zoo:small_cnn",
+        "train.batch_size=16", "train.eval_batch_size=64", "icnn.kappa=2e-5", "model.arch=icnn_compress.zoo:small_cnn",
     ])
     run = tmp_path_factory.mktemp("runs") / "icnn"
     finetune(recipe, run, arm="icnn", progress=False)

@@ -24,7 +24,7 @@ def test_icnn_run_writes_a_complete_run_directory(tiny_recipe, tmp_path):
     assert {p.name for p in run.iterdir()} >= {"model.pt", "last.pt", "metrics.jsonl", "recipe.toml"}
     records = _records(run)
     assert [r["epoch"] for r in records] == [1, 2]
-    assert records[1]["kappa"] == pytest.approx(1e-3 / 2)
+    assert records[1]["kappa"] == pytest.approx(3e-4 / 2)
     top = records[0]["layers"]["features.14.mask"]
     assert top["filters"] == 128 and "R" in top and top["R"] > 0 and "neg_mi" in top
     assert record["epoch"] == 2
