@@ -96,7 +96,7 @@ def test_recipes_carry_a_prune_section() -> None:
     assert paths
     for path in paths:
         assert "prune" in tomllib.loads(path.read_text()), path.name
-    assert load_recipe(RECIPES / "quickstart.toml").prune == PruneConfig(criterion="icnn-l1", target_macs=0.5,
+    assert load_recipe(RECIPES / "quickstart.toml").prune == PruneConfig(criterion="icnn", target_macs=0.5,
                                                                          round_to=16, floor=0.25, recover_epochs=1)
 
 

@@ -125,7 +125,7 @@ def test_pipeline_end_to_end_resumes_after_an_interrupt_and_skips_finished_stage
 
     # pruning: the recipe's target reached, fewer parameters, recovery run; its accuracies are the evaluations'
     pruning = json.loads((out / "pruned" / "pruning.json").read_text())
-    assert pruning["criterion"] == "icnn-l1" and pruning["target_macs"] == 0.5
+    assert pruning["criterion"] == "icnn" and pruning["target_macs"] == 0.5
     assert pruning["macs_ratio"] <= pruning["target_macs"]
     assert pruning["macs"] <= pruning["target_macs"] * pruning["base_macs"]
     assert pruning["params"] < pruning["base_params"]
