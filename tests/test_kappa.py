@@ -85,12 +85,16 @@ def test_guard_verdicts():
 
 def test_guard_backs_off_when_r_at_the_top_layer_reaches_the_collapse_edge():
     guard = CollapseGuard(enabled=True, r_collapse=R_COLLAPSE["adamw"], r_target=R_BANDS["adamw"][0])
-    assert guard.check(record(r=1.3)) is None  # only the top layer's R counts (the next one has 99)
+    assert guard.check(record(r=2.9)) is None  # only the top layer's R counts (the next one has 99)
     assert "R at top reached 6" in guard.check(record(r=6.0))
     # the back-off puts R on the target: 0.6 / 6 = 0.1, more than the default factor 1/3
     assert guard.back_off(3e-3) == pytest.approx(3e-4)
-    assert "R at top" in guard.check(record(r=1.5))
-    assert guard.back_off(3e-4) == pytest.approx(1e-4)  # 0.6 / 1.5 = 0.4 is less: the default 1/3 holds
+    assert "R at top" in guard.check(record(r=3.0))
+    assert guard.back_off(3e-4) == pytest.approx(6e-5)  # 0.6 / 3 = 0.2
+    sgd = CollapseGuard(enabled=True, r_collapse=R_COLLAPSE["sgd"], r_target=R_BANDS["sgd"][0])
+    assert sgd.check(record(r=13.0)) is None
+    assert "R at top reached 15" in sgd.check(record(r=15.0))
+    assert sgd.back_off(3e-3) == pytest.approx(1e-3)  # 6 / 15 = 0.4 is less than the default 1/3: 1/3 holds
 
 
 def test_guard_backs_off_then_gives_up_and_refuses_a_collapsed_end():

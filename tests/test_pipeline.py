@@ -72,6 +72,15 @@ def _embedded_images(page: str) -> list[bytes]:
     return [base64.b64decode(data) for data in re.findall(r'src="data:image/(?:png|jpeg);base64,([^"]+)"', page)]
 
 
+def _spied_pipeline(monkeypatch, capsys, data, out):
+    """Run the pipeline with every stage spied on; return the stages called, the exit code, stdout, stderr."""
+    calls: list[str] = []
+    with monkeypatch.context() as m:
+        for module, name in _STAGES:
+            _spy(m, calls, module, name)
+        return (calls, *_pipeline(capsys, data, out))
+
+
 @pytest.mark.slow
 def test_pipeline_end_to_end_resumes_after_an_interrupt_and_skips_finished_stages(tiny_parts, tmp_path, capsys,
                                                                                  monkeypatch):
@@ -92,11 +101,7 @@ def test_pipeline_end_to_end_resumes_after_an_interrupt_and_skips_finished_stage
     assert not (out / "summary.json").exists() and not (out / "pruned").exists()
 
     # 2. The same command resumes: finished stages are not redone, the rest runs.
-    calls.clear()
-    with monkeypatch.context() as m:
-        for module, name in _STAGES:
-            _spy(m, calls, module, name)
-        code, stdout, stderr = _pipeline(capsys, tiny_parts, out)
+    calls, code, stdout, stderr = _spied_pipeline(monkeypatch, capsys, tiny_parts, out)
     assert code == 0, stderr
     assert calls == ["compare_run", "prune_run", "export_onnx"]
 
@@ -165,11 +170,7 @@ def test_pipeline_end_to_end_resumes_after_an_interrupt_and_skips_finished_stage
 
     # 4. A parity check that failed (its parity.json says so) is not a finished stage: a rerun exports again.
     (out / "pruned" / "parity.json").write_text(json.dumps({**parity, "passed": False}))
-    calls.clear()
-    with monkeypatch.context() as m:
-        for module, name in _STAGES:
-            _spy(m, calls, module, name)
-        code, _, stderr = _pipeline(capsys, tiny_parts, out)
+    calls, code, _, stderr = _spied_pipeline(monkeypatch, capsys, tiny_parts, out)
     assert code == 0, stderr
     assert calls == ["export_onnx"]
     assert json.loads((out / "pruned" / "parity.json").read_text())["passed"] is True
