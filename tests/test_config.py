@@ -97,7 +97,7 @@ def test_recipes_carry_a_prune_section() -> None:
     for path in paths:
         assert "prune" in tomllib.loads(path.read_text()), path.name
     assert load_recipe(RECIPES / "quickstart.toml").prune == PruneConfig(criterion="icnn", target_macs=0.5,
-                                                                         round_to=16, floor=0.25, recover_epochs=1)
+                                                                         round_to=16, floor=0.25, recover_epochs=3)
 
 
 def test_unknown_key_suggests(tmp_path: Path) -> None:
