@@ -76,7 +76,7 @@ def _prune_and_export(recipe: Recipe, out: Path, progress: bool) -> dict:
     parity = pruned / "parity.json"  # a failed check writes it too: only a passed one ends the stage
     if not (parity.exists() and json.loads(parity.read_text()).get("passed") is True):
         log.info("stage: ONNX export and parity")
-        export_onnx(pruned, pruned / "model.onnx", parity_json=pruned / "parity.json")
+        export_onnx(pruned, pruned / "model.onnx", parity_json=parity)
     return evaluate_run(pruned, split="test", json_path=pruned / "evaluate.json", progress=progress)
 
 
