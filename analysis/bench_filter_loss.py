@@ -11,64 +11,23 @@ noise hits both alike. Prints the median step times and their ratio (goal: ≤ 1
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import interleaved, interpretable_model, masked_arm, random_batch, train_step
 
 from icnn_compress.loss import FilterLoss
-from icnn_compress.mask import InterpretableMask
-from icnn_compress.surgery import build_base_model, make_interpretable
 from icnn_compress.train import resolve_device
 
 
-def step_timer(model, filter_loss, x, y, kappa, device, amp):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
-
-    def step() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with filter_loss.batch(y, kappa):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(x)
-            loss = torch.nn.functional.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    return step
-
-
 def bench(arch: str, *, batch: int, size: int, steps: int, device: torch.device, classes: int) -> dict:
-    torch.manual_seed(0)
-    model = build_base_model(arch, num_classes=classes)
-    make_interpretable(model, arch=arch, num_classes=classes, image_size=size)
-    model.to(device).train()
-    amp = device.type == "cuda"
-    if amp:
-        model.to(memory_format=torch.channels_last)
-    masks = [m for m in model.modules() if isinstance(m, InterpretableMask)]
-    x = torch.randn(batch, 3, size, size, device=device)
-    if amp:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, classes, (batch,), device=device)
+    model, masks = interpretable_model(arch, classes=classes, size=size, device=device)
+    x, y = random_batch(batch=batch, size=size, classes=classes, device=device)
     filter_loss = FilterLoss(model)
-    steps_by_arm = {"baseline": step_timer(model, filter_loss, x, y, 0.0, device, amp),
-                    "icnn": step_timer(model, filter_loss, x, y, 1e-3, device, amp)}
-    times: dict[str, list[float]] = {"baseline": [], "icnn": []}
-    for i in range(steps + 1):  # the first pair warms up
-        for arm in ("baseline", "icnn") if i % 2 == 0 else ("icnn", "baseline"):
-            for m in masks:
-                m.active = arm == "icnn"
-            t = steps_by_arm[arm]()
-            if i > 0:
-                times[arm].append(t)
-    base, icnn = statistics.median(times["baseline"]), statistics.median(times["icnn"])
-    return {"arch": arch, "baseline_s": base, "icnn_s": icnn, "ratio": icnn / base}
+    amp = device.type == "cuda"
+    med = interleaved({"baseline": masked_arm(train_step(model, x, y, device, amp, filter_loss, 0.0), masks, False),
+                       "icnn": masked_arm(train_step(model, x, y, device, amp, filter_loss, 1e-3), masks, True)},
+                      steps, device)
+    return {"arch": arch, "baseline_s": med["baseline"], "icnn_s": med["icnn"], "ratio": med["icnn"] / med["baseline"]}
 
 
 def main() -> None:

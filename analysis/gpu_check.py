@@ -16,67 +16,15 @@ machine noise hits both sides alike:
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from torch import nn
+from _timing import interleaved, interpretable_model, masked_arm, random_batch, train_step
 
 from icnn_compress.analyze import analyze
 from icnn_compress.loss import FilterLoss
-from icnn_compress.mask import InterpretableMask
 from icnn_compress.surgery import build_base_model, make_interpretable
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device: torch.device) -> float:
-    _sync(device)
-    t = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t
-
-
-def _interleaved(fns: dict, steps: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each callable over ``steps`` rounds, order alternating, after one warm-up round."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for i in range(steps + 1):
-        for name in names if i % 2 == 0 else names[::-1]:
-            t = _timed(fns[name], device)
-            if i > 0:
-                times[name].append(t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _train_step(model: nn.Module, x, y, device, amp: bool, filter_loss: FilterLoss | None, kappa: float):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
-
-    def step() -> None:
-        ctx = filter_loss.batch(y, kappa) if filter_loss is not None else _Null()
-        with ctx:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(x)
-            loss = nn.functional.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def finetune_throughput(arch: str, *, batch: int, size: int, steps: int, classes: int, device: torch.device,
@@ -85,32 +33,17 @@ def finetune_throughput(arch: str, *, batch: int, size: int, steps: int, classes
     amp = device.type == "cuda"
     torch.manual_seed(0)
     plain = build_base_model(arch, num_classes=classes).to(device).train()
-    icnn = build_base_model(arch, num_classes=classes)
-    make_interpretable(icnn, arch=arch, num_classes=classes, image_size=size)
-    icnn.to(device).train()
     if amp:
         plain.to(memory_format=torch.channels_last)
-        icnn.to(memory_format=torch.channels_last)
-    masks = [m for m in icnn.modules() if isinstance(m, InterpretableMask)]
-    x = torch.randn(batch, 3, size, size, device=device)
-    if amp:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, classes, (batch,), device=device)
+    icnn, masks = interpretable_model(arch, classes=classes, size=size, device=device)
+    x, y = random_batch(batch=batch, size=size, classes=classes, device=device)
     fl = FilterLoss(icnn)
     run_plain = torch.compile(plain) if compile_ else plain
     run_icnn = torch.compile(icnn) if compile_ else icnn
-
-    def arm(active: bool, kappa: float):
-        step = _train_step(run_icnn, x, y, device, amp, fl, kappa)
-
-        def go() -> None:
-            for m in masks:
-                m.active = active
-            step()
-        return go
-
-    med = _interleaved({"plain": _train_step(run_plain, x, y, device, amp, None, 0.0),
-                        "baseline": arm(False, 0.0), "icnn": arm(True, 1e-3)}, steps, device)
+    med = interleaved({"plain": train_step(run_plain, x, y, device, amp),
+                       "baseline": masked_arm(train_step(run_icnn, x, y, device, amp, fl, 0.0), masks, False),
+                       "icnn": masked_arm(train_step(run_icnn, x, y, device, amp, fl, 1e-3), masks, True)},
+                      steps, device)
     return {"arch": arch, **{f"{k}_img_s": batch / v for k, v in med.items()},
             "filter_loss": med["icnn"] / med["baseline"], "vs_plain": med["icnn"] / med["plain"]}
 
@@ -136,7 +69,7 @@ def analysis_throughput(arch: str, *, batch: int, size: int, batches: int, class
     def analysis() -> None:
         analyze(model, data, classes=[str(c) for c in range(classes)], image_size=size, device=device)
 
-    med = _interleaved({"inference": infer, "analysis": analysis}, rounds, device)
+    med = interleaved({"inference": infer, "analysis": analysis}, rounds, device)
     n = batch * batches
     return {"arch": arch, "inference_img_s": n / med["inference"], "analysis_img_s": n / med["analysis"],
             "analysis": med["inference"] / med["analysis"]}
@@ -176,7 +109,7 @@ def onnx_latency(arch: str, *, size: int, classes: int, device: torch.device, ru
                 name = sess.get_inputs()[0].name
                 return lambda: [sess.run(None, {name: feed}) for _ in range(runs)]
 
-            med = _interleaved({k: runner(s) for k, s in sessions.items()}, 3, torch.device("cpu"))
+            med = interleaved({k: runner(s) for k, s in sessions.items()}, 3, torch.device("cpu"))
             out.update({f"{k}_ms": 1000 * v / runs for k, v in med.items()}, onnx=med["pruned"] / med["unpruned"])
     except Exception as exc:  # noqa: BLE001 - report and go on: the other figures still stand
         out["skipped"] = f"{type(exc).__name__}: {exc}"
