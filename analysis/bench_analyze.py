@@ -1,6 +1,7 @@
 """Throughput of the analysis pass relative to plain inference of the same model on the same data.
 
-    .venv/bin/python analysis/bench_analyze.py runs/demo/icnn [--repeats 3] [--limit 600] [--batch-size 100]
+    .venv/bin/python analysis/bench_analyze.py runs/demo/icnn [--repeats 5] [--limit 600] [--batch-size 100]
+        [--stats-threads 1]
 
 Both passes run over the same batches, already collated in memory (so data loading, which both would
 share, does not dilute the difference), in eval mode under ``torch.inference_mode``, interleaved
@@ -33,6 +34,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--stats-threads", type=int, default=1,
+                        help="analyze(stats_threads=...): threads of the statistics (0: the same as inference)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -58,7 +61,8 @@ def main() -> None:
     def analysis() -> float:
         t = time.perf_counter()
         analyze(model, batches, layers=layers, filter_category=cats, classes=dataset.classes,
-                landmark_names=dataset.landmark_names, image_size=dataset.image_size)
+                landmark_names=dataset.landmark_names, image_size=dataset.image_size,
+                stats_threads=args.stats_threads or None)
         return n / (time.perf_counter() - t)
 
     plain()  # warm-up (allocator, thread pool)
@@ -69,7 +73,8 @@ def main() -> None:
         a.append(analysis())
     # Best of the repeats: on a shared machine the slow runs measure the neighbours, not this code.
     ratio = max(a) / max(p)
-    print(f"images {n}, layers {layers}, threads {torch.get_num_threads()}")
+    print(f"images {n}, layers {layers}, threads {torch.get_num_threads()}, "
+          f"statistics threads {args.stats_threads or torch.get_num_threads()}")
     print(f"plain inference  {max(p):8.1f} img/s best  (runs {', '.join(f'{v:.0f}' for v in p)})")
     print(f"analysis pass    {max(a):8.1f} img/s best  (runs {', '.join(f'{v:.0f}' for v in a)})")
     pairs = statistics.median(x / y for x, y in zip(a, p))

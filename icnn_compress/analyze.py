@@ -94,6 +94,7 @@ from tqdm.auto import tqdm
 from icnn_compress.distributed import gather_objects, init_distributed, is_distributed, is_main, shard_indices
 from icnn_compress.metrics import category_histogram, landmark_histogram, location_instability
 from icnn_compress.receptive_field import LayerGeometry, layer_geometry
+from icnn_compress.threads import cpu_threads
 
 __all__ = ["analyze", "analyze_run", "merge_states", "write_analysis", "write_gallery"]
 
@@ -345,7 +346,7 @@ class _LayerAnalyzer:
     def _parts(self, x: Tensor, parts: Mapping[str, Any], onehot: Tensor, h: int, w: int) -> None:
         st = self.state
         thr = _top_quantile(st["cell_hist"][0], st["cell_hi"], self.quantile).float()  # (D,)
-        region = (x > thr[None, :, None]).float()  # (B, D, P)
+        region = torch.where(x > thr[None, :, None], 1.0, 0.0)  # (B, D, P)
         frac = parts["pooled"](h, w)  # (B, K, P): the part's share of each cell
         cell_area = parts["size"] / (h * w)
         inter = torch.bmm(region, frac.transpose(1, 2)) * cell_area  # (B, D, K)
@@ -362,15 +363,15 @@ def _part_context(part_masks: Tensor | None, device: torch.device) -> dict[str, 
     """Per batch, the part masks' areas and (lazily, once per grid size) their share of each map cell."""
     if part_masks is None or part_masks.shape[1] == 0:
         return None
-    masks = part_masks.to(device)
+    masks = part_masks.to(device).float()  # converted once: the (B, K, S, S) copy is the costly part
     cache: dict[tuple[int, int], Tensor] = {}
 
     def pooled(h: int, w: int) -> Tensor:
         if (h, w) not in cache:
-            cache[(h, w)] = F.adaptive_avg_pool2d(masks.float(), (h, w)).flatten(2)  # (B, K, P)
+            cache[(h, w)] = F.adaptive_avg_pool2d(masks, (h, w)).flatten(2)  # (B, K, P)
         return cache[(h, w)]
 
-    return {"pooled": pooled, "size": masks.shape[-2] * masks.shape[-1], "area": masks.sum((2, 3)).float()}
+    return {"pooled": pooled, "size": masks.shape[-2] * masks.shape[-1], "area": masks.sum((2, 3))}
 
 
 def _rebin(hist: Tensor, hi_from: Tensor, hi_to: Tensor) -> Tensor:
@@ -459,10 +460,10 @@ def analyze(
         estimate_stride: every ``estimate_stride``-th image of each batch enters the map correlation,
             the two template terms (H(T′|X), the spatial term) and the part quantile's histogram; 1: every
             image. Every other measure uses every image.
-        stats_threads: CPU threads for the hooks' statistics (CPU maps only; ``None``: the current
-            setting). The ops are many and small, and on a busy machine their parallel regions cost more
-            than they save: on the shared 2-core box one thread took the pass from 0.54× to 0.80× of plain
-            inference with 2 threads.
+        stats_threads: CPU threads for the hooks' statistics on CPU maps and for the final reduction
+            (``None``: the current setting). The ops are many and small, and on a busy machine their
+            parallel regions cost more than they save: on the shared 2-core box one thread took the pass
+            from 0.54× to 0.80× of plain inference with 2 threads.
         progress: show a tqdm bar.
 
     Returns:
@@ -497,15 +498,8 @@ def analyze(
             if not isinstance(output, Tensor) or output.dim() != 4:
                 shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
                 raise ValueError(f"layer {name!r} outputs {shape}, not a (B, D, h, w) map")
-            if stats_threads is None or output.device.type != "cpu":
+            with cpu_threads(stats_threads if output.device.type == "cpu" else None):
                 analyzers[name].update(output, current["labels"], current["index"], current["part_masks"])
-                return
-            threads = torch.get_num_threads()
-            torch.set_num_threads(stats_threads)
-            try:
-                analyzers[name].update(output, current["labels"], current["index"], current["part_masks"])
-            finally:
-                torch.set_num_threads(threads)
         return hook
 
     for name in layers:
@@ -558,10 +552,11 @@ def analyze(
         if an.state is None:
             raise ValueError(f"layer {name!r} is never called by the model's forward pass")
         cat = filter_category.get(name)
-        layer_summary, layer_filters, mats = _finish_layer(
-            name, an, geometry[name], category=None if cat is None else torch.as_tensor(cat).long().cpu(),
-            label=label, landmarks=lm, visible=vis, classes=classes, landmark_names=landmark_names,
-            image_size=image_size, settings=settings)
+        with cpu_threads(stats_threads):  # the reduction runs on the CPU whatever the device
+            layer_summary, layer_filters, mats = _finish_layer(
+                name, an, geometry[name], category=None if cat is None else torch.as_tensor(cat).long().cpu(),
+                label=label, landmarks=lm, visible=vis, classes=classes, landmark_names=landmark_names,
+                image_size=image_size, settings=settings)
         summary["layers"][name] = layer_summary
         filters += layer_filters
         matrices[name] = mats

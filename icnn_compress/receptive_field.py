@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .threads import cpu_threads
+
 __all__ = ["LayerGeometry", "layer_geometry"]
 
 # Largest probe side tried before giving up: beyond this the receptive field is larger than any
@@ -105,7 +107,8 @@ def layer_geometry(model: nn.Module, layer: str, *, image_size: int, in_channels
         raise ValueError(f"image_size must be positive, got {image_size}")
 
     # The probe needs autograd, also when called from inside evaluate()'s inference_mode.
-    with torch.inference_mode(False), torch.enable_grad():
+    # One thread: the probe is many tiny float64 ops (icnn_compress.threads).
+    with torch.inference_mode(False), torch.enable_grad(), cpu_threads(1):
         surrogate = _linear_surrogate(model)
         target = surrogate.get_submodule(layer)
         side = image_size
