@@ -258,6 +258,8 @@ class _LayerAnalyzer:
         st["class_peak_sum"] += onehot.t() @ peak64
         st["peak_sum"] += peak64.sum(0)
         st["peak_sq_sum"] += (peak64**2).sum(0)
+        # Raw products in float64: Pearson from raw sums cancels badly for a filter whose peak hardly
+        # varies (float32 products put 0.99999 where two identical such filters have 1).
         st["peak_cross"] += peak64.t() @ peak64
 
         mass = x.sum(-1)  # (B, D)
@@ -273,9 +275,9 @@ class _LayerAnalyzer:
         varies = var > (1e-6 * ps) ** 2 * hw
         scale = torch.where(varies, var.clamp(min=1e-30).rsqrt(), torch.zeros_like(var))
         z = torch.addcmul((-ms * scale)[..., None], xs, scale[..., None])  # (b, D, P): unit norm per map, or 0
-        st["map_cross"] += torch.einsum("bdp,bep->de", z, z).double()
+        st["map_cross"] += torch.einsum("bdp,bep->de", z, z)  # float32 into float64, no converted copy
         vf = varies.float()
-        st["map_pairs"] += (vf.t() @ vf).double()
+        st["map_pairs"] += vf.t() @ vf
 
         # Entropy of p = x / Σx: log Σx − Σ x log x / Σx, normalised by log P.
         xlogx = torch.special.xlogy(x, x).sum(-1)
@@ -335,13 +337,13 @@ class _LayerAnalyzer:
         st["cell_hi"] = _grow_histogram(st["cell_hist"], st["cell_hi"], peak.amax(0).double())
         per_unit = (k / st["cell_hi"].clamp(min=_EPS)).float()  # (D,)
         bins = (x * per_unit[:, None]).long().clamp_(max=k - 1) + (ar * k)[:, None]  # (B, D, P), x ≥ 0
-        st["cell_hist"] += torch.bincount(bins.reshape(-1), minlength=d * k).reshape(1, d, k).double()
+        st["cell_hist"] += torch.bincount(bins.reshape(-1), minlength=d * k).reshape(1, d, k)
 
         km = self.mis_bins
         st["mis_hi"] = _grow_histogram(st["mis_hist"], st["mis_hi"], mean_act.amax(0).double())
         mb = _bin_index(mean_act.double(), st["mis_hi"], km)  # (B, D)
         flat = ((labels[:, None] * d + ar) * km + mb).reshape(-1)
-        st["mis_hist"] += torch.bincount(flat, minlength=self.c * d * km).reshape(self.c, d, km).double()
+        st["mis_hist"] += torch.bincount(flat, minlength=self.c * d * km).reshape(self.c, d, km)
 
     def _parts(self, x: Tensor, parts: Mapping[str, Any], onehot: Tensor, h: int, w: int) -> None:
         st = self.state
@@ -731,23 +733,23 @@ def _pearson(s: Tensor, sq: Tensor, cross: Tensor, n: Tensor) -> Tensor:
 
 
 def _clusters(adjacent: Tensor, score: Tensor) -> tuple[list[int], list[dict]]:
-    """Connected components of ``adjacent`` ``(D, D)``; each with its members and best member by ``score``."""
+    """Connected components of ``adjacent`` ``(D, D)``; each with its members and best member by ``score``.
+
+    Label propagation with pointer jumping on the dense matrix: a few ``(D, D)`` passes where a Python
+    union-find over the edges took 0.3 s on MobileNetV2's 1280 drifted filters (about 60 000 edges).
+    """
     d = adjacent.shape[0]
-    parent = list(range(d))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in (adjacent | adjacent.t()).nonzero().tolist():
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
+    adj = adjacent | adjacent.t()
+    label = torch.arange(d)
+    while True:
+        new = torch.minimum(label, torch.where(adj, label[None, :], d).amin(1)) if d else label
+        new = new[new]  # every label is a node of the same component: jump to its label
+        if torch.equal(new, label):
+            break
+        label = new
     groups: dict[int, list[int]] = {}
-    for i in range(d):
-        groups.setdefault(find(i), []).append(i)
+    for i, root in enumerate(label.tolist()):
+        groups.setdefault(root, []).append(i)
     cluster_id = [-1] * d
     clusters = []
     for members in sorted(groups.values(), key=lambda m: (-len(m), m[0])):

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from icnn_compress.analyze import (
+    _clusters,
     _grow_histogram,
     _top_quantile,
     analyze,
@@ -233,3 +234,37 @@ def test_analyze_run_on_a_generated_run(tiny_recipe, tmp_path) -> None:
     layer = doc["summary"]["layers"][architecture["masks"][0]]
     assert layer["part_interpretability"] is not None and layer["location_instability"] is not None
     assert all((out / "gallery" / f"{n.replace('.', '_')}.jpg").is_file() for n in architecture["masks"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 30), st.floats(0.0, 0.3), st.integers(0, 2**31 - 1))
+def test_clusters_are_the_connected_components(d, density, seed):
+    """Against a breadth-first search: chains (which need several label passes) included."""
+    g = torch.Generator().manual_seed(seed)
+    adjacent = torch.rand(d, d, generator=g) < density
+    chain = torch.randperm(d, generator=g)[: d // 2]
+    adjacent[chain[:-1], chain[1:]] = True  # a path through half the nodes, in random order
+    score = torch.rand(d, generator=g)
+    cluster_id, clusters = _clusters(adjacent, score)
+
+    sym = (adjacent | adjacent.t()).tolist()
+    seen, expected = set(), []
+    for start in range(d):
+        if start in seen:
+            continue
+        todo, comp = [start], {start}
+        while todo:
+            i = todo.pop()
+            for j in range(d):
+                if sym[i][j] and j not in comp:
+                    comp.add(j)
+                    todo.append(j)
+        seen |= comp
+        if len(comp) > 1:
+            expected.append(sorted(comp))
+    expected.sort(key=lambda m: (-len(m), m[0]))
+    assert [c["members"] for c in clusters] == expected
+    for k, c in enumerate(clusters):
+        assert c["best"] == max(c["members"], key=lambda i: (float(score[i]), -i))
+        assert all(cluster_id[i] == k for i in c["members"])
+    assert sum(i >= 0 for i in cluster_id) == sum(len(m) for m in expected)
