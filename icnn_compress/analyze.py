@@ -48,10 +48,11 @@ method works on; the "peak" is ``max_ij x``):
   contain the part on which it counts. ``q`` comes from a streaming doubling histogram of all cell values
   (``quantile_bins`` bins) and is the running estimate after the current batch: early batches use a
   quantile estimated on fewer images (shuffle the loader; :func:`analyze_run` does).
-* ``estimate_stride`` (default 4): the map correlation, the two template terms and the part quantile's
-  histogram are estimated on every 4th image of each batch (a fixed subsample of the data); every other
-  measure (peaks, peak correlation, exclusivity, spatial entropy, MIS, instability, the part IoU counts)
-  uses every image. This keeps the pass within 0.85× of plain inference.
+* ``estimate_stride`` (default 4): the map correlation, the spatial entropy, the two template terms and
+  the part quantile's histogram are estimated on every 4th image of each batch (a fixed subsample of the
+  data); every other measure (peaks, peak correlation, exclusivity, MIS, instability, the part IoU
+  counts) uses every image. This keeps the pass near 0.85× of plain inference
+  (``analysis/bench_analyze.py``).
 
 ``analysis.json`` schema (written by :func:`analyze_run`, the dict :func:`analyze` returns minus the
 tensors under ``"matrices"`` and ``"top"``)::
@@ -174,6 +175,21 @@ def _paper_templates(h: int, w: int, *, device: torch.device) -> Tensor:
 # The running statistics of one layer
 
 
+def _peaks(x: Tensor, scratch: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``x.max(dim=-1)`` of ``(B, D, P)`` maps: the peak and its first cell on ties, in vectorised passes.
+
+    ``max`` with indices runs a scalar loop on the CPU; ``amax``, an equality written as floats and a
+    weighted ``amax`` that picks the first equal cell cost a third of it (the analysis' largest pass).
+    ``scratch``: a float tensor shaped like ``x`` to overwrite (saves a fresh allocation's page faults).
+    """
+    p = x.shape[-1]
+    peak = x.amax(dim=-1)
+    first = torch.eq(x, peak[..., None], out=torch.empty_like(x) if scratch is None else scratch)
+    first.mul_(torch.arange(p, 0, -1, device=x.device, dtype=x.dtype))
+    cell = (p - first.amax(dim=-1).long()).clamp_(max=p - 1)  # a NaN map equals nowhere: the last cell
+    return peak, cell
+
+
 def _new_state(d: int, c: int, k_parts: int, hw: int, *, top_k: int, quantile_bins: int, mis_bins: int,
                device: torch.device) -> dict[str, Tensor]:
     f64 = dict(dtype=torch.float64, device=device)
@@ -187,7 +203,8 @@ def _new_state(d: int, c: int, k_parts: int, hw: int, *, top_k: int, quantile_bi
         "peak_cross": torch.zeros(d, d, **f64),
         "map_cross": torch.zeros(d, d, **f64),
         "map_pairs": torch.zeros(d, d, **f64),
-        "spatial_entropy_sum": torch.zeros(d, **f64),  # Σ peak · H_norm
+        "spatial_entropy_sum": torch.zeros(d, **f64),  # Σ peak · H_norm over the estimate subsample
+        "spatial_entropy_weight": torch.zeros(d, **f64),  # Σ peak over the same images
         "lse_T": torch.full((d, hw + 1), -math.inf, **f64),  # log Σ_x exp(tr(x·T))
         "lse_count": torch.zeros((), **f64),
         "w_sum": torch.zeros(d, **f64),
@@ -224,6 +241,7 @@ class _LayerAnalyzer:
         self.templates_f32: Tensor | None = None
         self.map_size: tuple[int, int] | None = None
         self.peaks: list[Tensor] = []  # (B, D) per batch, CPU
+        self._scratch: Tensor | None = None  # reused (B, D, P) float buffer, see scratch()
         self.cells: list[Tensor] = []  # (B, D) flat peak cell per batch, CPU
 
     @torch.no_grad()
@@ -246,7 +264,7 @@ class _LayerAnalyzer:
         if not self.nonnegative:  # a conv's raw output: measure what the following ReLU passes
             x = x.clamp(min=0)
         x = x.reshape(b, d, hw)  # (B, D, P)
-        peak, cell = x.max(dim=-1)  # (B, D); first cell on ties
+        peak, cell = _peaks(x, self.scratch(x))  # (B, D); first cell on ties
         self.peaks.append(peak.cpu())
         self.cells.append(cell.cpu())
         peak64 = peak.double()
@@ -265,8 +283,9 @@ class _LayerAnalyzer:
         mass = x.sum(-1)  # (B, D)
         mean = mass / hw
         # The estimates below use every `estimate_stride`-th image of the batch (a fixed subsample):
-        # the map correlation, the paper's template terms and the cell-value histogram of the part
-        # quantile. Their (B, D, P)-sized passes would otherwise dominate the hooks' cost.
+        # the map correlation, the spatial entropy, the paper's template terms and the cell-value
+        # histogram of the part quantile. Their (B, D, P)-sized passes would otherwise dominate the
+        # hooks' cost.
         sub = slice(None, None, self.estimate_stride)
         xs, ms, ps = x[sub], mean[sub], peak[sub]
         # Spatial maps standardised per image: their cross products summed over images and cells give
@@ -280,12 +299,14 @@ class _LayerAnalyzer:
         st["map_pairs"] += vf.t() @ vf
 
         # Entropy of p = x / Σx: log Σx − Σ x log x / Σx, normalised by log P.
-        xlogx = torch.special.xlogy(x, x).sum(-1)
-        ent = torch.where(mass > 0, torch.log(mass.clamp(min=1e-30)) - xlogx / mass.clamp(min=1e-30),
-                          torch.zeros_like(mass)) / max(math.log(hw), _EPS)
-        st["spatial_entropy_sum"] += (peak64 * ent.clamp(0, 1).double()).sum(0)
+        mss = mass[sub]
+        xlogx = torch.special.xlogy(xs, xs).sum(-1)
+        ent = torch.where(mss > 0, torch.log(mss.clamp(min=1e-30)) - xlogx / mss.clamp(min=1e-30),
+                          torch.zeros_like(mss)) / max(math.log(hw), _EPS)
+        st["spatial_entropy_sum"] += (ps * ent.clamp(0, 1)).sum(0)
+        st["spatial_entropy_weight"] += ps.sum(0)
 
-        self._mutual_information_terms(xs, mass[sub])
+        self._mutual_information_terms(xs, mss)
         self._histograms(xs, ps, mean, labels)
         if part_masks is not None:
             self._parts(x, part_masks, onehot, h, w)
@@ -298,6 +319,14 @@ class _LayerAnalyzer:
         st["top_value"] = top.values
         st["top_index"] = idx.gather(1, top.indices)
         st["top_cell"] = cells.gather(1, top.indices)
+
+    def scratch(self, like: Tensor) -> Tensor:
+        """A float buffer shaped like ``like``, reused across batches: a fresh map-sized tensor per batch
+        costs its page faults every time (the CPU allocator returns large blocks to the system)."""
+        n = like.numel()
+        if self._scratch is None or self._scratch.numel() < n or self._scratch.device != like.device:
+            self._scratch = torch.empty(n, dtype=like.dtype, device=like.device)
+        return self._scratch[:n].view(like.shape)
 
     def _mutual_information_terms(self, x: Tensor, mass: Tensor) -> None:
         st = self.state
@@ -348,7 +377,8 @@ class _LayerAnalyzer:
     def _parts(self, x: Tensor, parts: Mapping[str, Any], onehot: Tensor, h: int, w: int) -> None:
         st = self.state
         thr = _top_quantile(st["cell_hist"][0], st["cell_hi"], self.quantile).float()  # (D,)
-        region = torch.where(x > thr[None, :, None], 1.0, 0.0)  # (B, D, P)
+        # Compared straight into a float tensor: a bool result and a conversion cost several times more.
+        region = torch.gt(x, thr[None, :, None], out=self.scratch(x))  # (B, D, P)
         frac = parts["pooled"](h, w)  # (B, K, P): the part's share of each cell
         cell_area = parts["size"] / (h * w)
         inter = torch.bmm(region, frac.transpose(1, 2)) * cell_area  # (B, D, K)
@@ -460,12 +490,14 @@ def analyze(
         part_quantile, iou_threshold: METHOD.md section 6 (0.5%, 0.2).
         quantile_bins, mis_bins: resolution of the streaming histograms.
         estimate_stride: every ``estimate_stride``-th image of each batch enters the map correlation,
-            the two template terms (H(T′|X), the spatial term) and the part quantile's histogram; 1: every
-            image. Every other measure uses every image.
-        stats_threads: CPU threads for the hooks' statistics on CPU maps and for the final reduction
-            (``None``: the current setting). The ops are many and small, and on a busy machine their
-            parallel regions cost more than they save: on the shared 2-core box one thread took the pass
-            from 0.54× to 0.80× of plain inference with 2 threads.
+            the spatial entropy, the two template terms (H(T′|X), the spatial term) and the part
+            quantile's histogram; 1: every image. Every other measure uses every image. A filter that
+            fires only outside the subsample gets no spatial entropy (None).
+        stats_threads: CPU threads for the hooks' statistics on CPU maps (``None``: the current
+            setting). The ops are many and small, and their parallel regions cost more than they save:
+            on the shared 2-core box one thread took the pass from 0.54× to 0.80× of plain inference
+            with 2 threads under load, and from 0.81× to 0.86× on a quiet machine. The final reduction
+            (larger ops: the instability of N × D peaks) keeps the current setting.
         progress: show a tqdm bar.
 
     Returns:
@@ -554,11 +586,10 @@ def analyze(
         if an.state is None:
             raise ValueError(f"layer {name!r} is never called by the model's forward pass")
         cat = filter_category.get(name)
-        with cpu_threads(stats_threads):  # the reduction runs on the CPU whatever the device
-            layer_summary, layer_filters, mats = _finish_layer(
-                name, an, geometry[name], category=None if cat is None else torch.as_tensor(cat).long().cpu(),
-                label=label, landmarks=lm, visible=vis, classes=classes, landmark_names=landmark_names,
-                image_size=image_size, settings=settings)
+        layer_summary, layer_filters, mats = _finish_layer(
+            name, an, geometry[name], category=None if cat is None else torch.as_tensor(cat).long().cpu(),
+            label=label, landmarks=lm, visible=vis, classes=classes, landmark_names=landmark_names,
+            image_size=image_size, settings=settings)
         summary["layers"][name] = layer_summary
         filters += layer_filters
         matrices[name] = mats
@@ -622,7 +653,8 @@ def _finish_layer(name: str, an: _LayerAnalyzer, geometry: LayerGeometry, *, cat
     own = class_mean.gather(0, category.clamp(min=0)[None])[0]
     exclusivity = torch.where((total > 0) & (category >= 0), own / total.clamp(min=_EPS), torch.full_like(total, nan))
     peak_mass = st["peak_sum"]
-    spatial = torch.where(peak_mass > 0, st["spatial_entropy_sum"] / peak_mass.clamp(min=_EPS), torch.full_like(total, nan))
+    weight = st["spatial_entropy_weight"]
+    spatial = torch.where(weight > 0, st["spatial_entropy_sum"] / weight.clamp(min=_EPS), torch.full_like(total, nan))
     inter = st["inter_entropy_sum"] / st["w_sum"].clamp(min=_EPS)
     mi_spatial = st["mi_spatial_sum"] / st["w_sum"].clamp(min=_EPS)
 
