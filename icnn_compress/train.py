@@ -466,14 +466,12 @@ def finetune(
     filter_loss = FilterLoss(model, form=recipe.icnn.loss, a=recipe.icnn.a, guard=recipe.icnn.guard)
     start = 1
     kappa0: float
-    kappa_cap = math.inf  # the κ₀ of the guard's last back-off: the κ correction never raises κ₀ above it
     calibration: dict | None = None
     if resume:
         state = torch.load(run.last_path, map_location=setup.device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, kappa0, calibration = state["epoch"] + 1, state["kappa"], state.get("calibration")
-        kappa_cap = state.get("kappa_cap", math.inf)
         torch.set_rng_state(state["rng"])
         log.info("resuming %s from epoch %d", run.path, start)
     elif arm != "icnn":
@@ -539,20 +537,19 @@ def finetune(
                 if main:
                     append_jsonl(run.metrics_path, {**record, "collapse": verdict})
                 _restore(model, optimizer, good)
-                kappa0 = kappa_cap = guard.back_off(kappa0)
+                kappa0 = guard.back_off(kappa0)
                 log.warning("epoch %d: %s; restored epoch %d and lowered kappa0 to %.3g", epoch, verdict,
                             epoch - 1, kappa0)
                 continue
-            if calibration is not None:
-                kappa0 = _correct_kappa(calibration, record, kappa0, epoch=epoch, cap=kappa_cap)
+            if calibration is not None and epoch == 1 and "correction" not in calibration:
+                kappa0 = _correct_kappa(calibration, record, kappa0)
             good = _snapshot(model, optimizer)
             if main:
                 append_jsonl(run.metrics_path, record)
                 log.info("epoch %d: loss %.4f acc %.2f val %.2f", epoch, stats["train_loss"], stats["train_acc"],
                          val_acc)
                 atomic_save({"model": good[0], "optimizer": good[1], "epoch": epoch, "kappa": kappa0,
-                             "kappa_cap": kappa_cap, "calibration": calibration, "rng": torch.get_rng_state()},
-                            run.last_path)
+                             "calibration": calibration, "rng": torch.get_rng_state()}, run.last_path)
             epoch += 1
     guard.final_check(record)
     if not main:
@@ -579,30 +576,23 @@ def finetune(
     return record
 
 
-def _correct_kappa(calibration: dict, record: dict, kappa0: float, *, epoch: int, cap: float) -> float:
-    """Close the loop after each epoch: rescale κ₀ when the epoch's R_top, brought back to κ₀, leaves the band.
+def _correct_kappa(calibration: dict, record: dict, kappa0: float) -> float:
+    """Close the loop once after epoch 1: rescale κ₀ so that the measured R_top lands on the target.
 
-    METHOD.md §8's bands are for R over the first epoch, at κ₀. The pilot measures before any step, and R
-    per unit κ keeps moving afterwards: a freshly initialised head passes a task gradient to the masked
-    layer that grows many times over as it learns (MobileNetV2: R_top 0.94 in epoch 1, 0.036 in epoch 2
-    at half the κ). So after epoch e, R_e·e (R at κ_e = κ₀/e, scaled to κ₀) is compared with the band,
-    and κ₀ is rescaled to put it on the target; the 1/epoch decay itself stays. R is linear in κ, so one
-    rescaling per epoch suffices. ``cap`` (the guard's last back-off) bounds a rise.
+    METHOD.md §8's bands are for R over the first epoch; the pilot measures before any step, when the
+    task gradient is not yet what training sees. R is linear in κ, so one rescaling suffices.
     """
     top = next(iter(record["layers"].values()))
     measured = top.get("R")
     low, high = calibration["band"]
-    corrections = calibration.setdefault("corrections", [])
-    if measured is None or measured <= 0:
+    if measured is None or low <= measured <= high:
+        calibration["correction"] = {"R_epoch1": measured, "factor": 1.0}
         return kappa0
-    at_kappa0 = measured * epoch
-    if low <= at_kappa0 <= high:
-        return kappa0
-    corrected = min(kappa0 * calibration["target_R"] / at_kappa0, max(cap, kappa0))
-    corrections.append({"epoch": epoch, "R": measured, "R_at_kappa0": at_kappa0, "factor": corrected / kappa0})
-    log.info("kappa auto: R_top over epoch %d was %.3g (%.3g at kappa0), outside %s: kappa0 %.3g -> %.3g",
-             epoch, measured, at_kappa0, calibration["band"], kappa0, corrected)
-    return corrected
+    factor = calibration["target_R"] / measured
+    calibration["correction"] = {"R_epoch1": measured, "factor": factor}
+    log.info("kappa auto: R_top over epoch 1 was %.3g, outside %s: kappa0 %.3g -> %.3g", measured,
+             calibration["band"], kappa0, kappa0 * factor)
+    return kappa0 * factor
 
 
 def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -126,23 +126,3 @@ def test_a_kappa_ten_times_too_large_is_backed_off_and_the_run_ends_alive(learne
         assert layer["dead"] <= 0.1 * layer["filters"]
     assert final["val_acc"] >= auto["val_acc"] - 5.0, (seen, auto["val_acc"])
     assert auto["val_acc"] >= 65.0  # the plain model learned: the comparison means something
-
-
-def test_kappa_correction_brings_each_epochs_r_back_to_kappa0_and_rescales_outside_the_band():
-    from icnn_compress.train import _correct_kappa
-
-    def record(r):
-        return {"layers": {"top.mask": {"R": r}, "new.mask": {"R": 5.0}}}
-
-    cal = {"band": [0.4, 1.2], "target_R": 0.6}
-    # Epoch 2 ran at κ₀/2: R 0.25 is 0.5 at κ₀, inside the band: nothing changes (the 1/epoch decay stays).
-    assert _correct_kappa(cal, record(0.25), 1e-6, epoch=2, cap=float("inf")) == 1e-6
-    assert cal["corrections"] == []
-    # MobileNetV2's epoch 2: R 0.036 is 0.072 at κ₀, so κ₀ rises by 0.6 / 0.072.
-    assert _correct_kappa(cal, record(0.036), 1e-6, epoch=2, cap=float("inf")) == pytest.approx(1e-6 * 0.6 / 0.072)
-    assert cal["corrections"][-1] == {"epoch": 2, "R": 0.036, "R_at_kappa0": 0.072, "factor": pytest.approx(0.6 / 0.072)}
-    # Above the band it falls; a rise stops at the guard's last back-off; no R (a baseline) changes nothing.
-    assert _correct_kappa(cal, record(1.0), 1e-6, epoch=3, cap=float("inf")) == pytest.approx(2e-7)
-    assert _correct_kappa(cal, record(0.01), 1e-6, epoch=1, cap=3e-6) == pytest.approx(3e-6)
-    assert _correct_kappa(cal, {"layers": {"top.mask": {}}}, 1e-6, epoch=4, cap=float("inf")) == 1e-6
-    assert len(cal["corrections"]) == 3
