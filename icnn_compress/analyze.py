@@ -113,28 +113,40 @@ _LSE_KEYS = ("lse_T",)
 def _grow_histogram(hist: Tensor, hi: Tensor, need: Tensor) -> Tensor:
     """Re-bin ``hist`` ``(L, D, K)`` in place so that each filter's range ``[0, hi)`` covers ``need`` ``(D,)``.
 
-    Returns the new ``hi``. A range that doubles merges bin pairs, which is exact; the first non-zero
-    value sets the initial range (all earlier values were 0 and sit in bin 0 at any range).
+    Returns the new ``hi``. A range that doubles ``s`` times moves bin ``i`` to ``i >> s`` (pairs merge),
+    which is exact; the first non-zero value sets the initial range (all earlier values were 0 and sit in
+    bin 0 at any range). On a GPU nothing here waits for the device: asking whether any range grows would
+    stall the stream once per batch, so the re-binning runs every time (a no-op shift of 0 where nothing
+    grows). On the CPU that question is free and skips the work.
     """
     k = hist.shape[-1]
     hi = torch.where((hi <= 0) & (need > 0), need * (1 + 1e-6), hi)
     grow = (need >= hi) & (hi > 0)
-    if not bool(grow.any()):
+    if hist.device.type == "cpu" and not bool(grow.any()):
         return hi
     bits = int(math.log2(k))
-    steps = torch.zeros_like(hi, dtype=torch.long)
     # In log space: need / hi can overflow for a subnormal first value.
-    ratio = (torch.log2(need[grow]) - torch.log2(hi[grow])).clamp(max=bits + 1)
-    steps[grow] = torch.ceil(ratio + 1e-9).long().clamp(min=1)
-    for step in range(1, min(int(steps.max()), bits) + 1):
-        sel = steps >= step  # (D,)
-        h = hist[:, sel]  # (L, d, K)
-        merged = h.reshape(*h.shape[:-1], k // 2, 2).sum(-1)  # (L, d, K/2)
-        hist[:, sel] = torch.cat((merged, torch.zeros_like(merged)), dim=-1)
+    ratio = torch.where(grow, torch.log2(need) - torch.log2(hi), torch.zeros_like(hi)).clamp(max=bits + 1)
+    steps = torch.where(grow, torch.ceil(ratio + 1e-9).clamp(min=1), torch.zeros_like(ratio)).long()
+    target = torch.arange(k, device=hist.device) >> steps.clamp(max=bits)[:, None]  # (D, K)
+    hist.copy_(torch.zeros_like(hist).scatter_add_(-1, target.expand_as(hist), hist))
     # More than log2(K) doublings put every old count in bin 0 at any larger range: restart the range.
     restart = steps > bits
     grown = hi * torch.pow(2.0, steps.to(hi.dtype))
     return torch.where(restart, need * (1 + 1e-6), grown)
+
+
+def _count_into(hist: Tensor, index: Tensor) -> None:
+    """Add one to ``hist.view(-1)[i]`` for each ``i`` in ``index`` (repeats add up), in place.
+
+    ``bincount`` on the CPU; on a GPU ``index_add_`` of ones, because CUDA's ``bincount`` reads the
+    largest index back to the host to size its output: a stall of the stream on every call.
+    """
+    flat = hist.view(-1)
+    if hist.device.type == "cpu":
+        flat += torch.bincount(index, minlength=flat.numel())
+    else:
+        flat.index_add_(0, index, torch.ones((), dtype=hist.dtype, device=hist.device).expand(index.numel()))
 
 
 def _bin_index(values: Tensor, hi: Tensor, k: int) -> Tensor:
@@ -265,8 +277,9 @@ class _LayerAnalyzer:
             x = x.clamp(min=0)
         x = x.reshape(b, d, hw)  # (B, D, P)
         peak, cell = _peaks(x, self.scratch(x))  # (B, D); first cell on ties
-        self.peaks.append(peak.cpu())
-        self.cells.append(cell.cpu())
+        # To the CPU without waiting (pinned buffers on a GPU); read only after the pass (analyze syncs).
+        self.peaks.append(peak.to("cpu", non_blocking=True))
+        self.cells.append(cell.to("cpu", non_blocking=True))
         peak64 = peak.double()
         onehot = F.one_hot(labels, self.c).double()  # (B, C)
 
@@ -313,7 +326,7 @@ class _LayerAnalyzer:
 
         # Streaming top-k of (peak, image index) per filter.
         vals = torch.cat((st["top_value"], peak64.t()), dim=1)  # (D, k + B)
-        idx = torch.cat((st["top_index"], index.to(dev).long()[None, :].expand(d, b)), dim=1)
+        idx = torch.cat((st["top_index"], index[None, :].expand(d, b)), dim=1)
         cells = torch.cat((st["top_cell"], cell.t()), dim=1)
         top = vals.topk(min(self.top_k, vals.shape[1]), dim=1)
         st["top_value"] = top.values
@@ -366,13 +379,13 @@ class _LayerAnalyzer:
         st["cell_hi"] = _grow_histogram(st["cell_hist"], st["cell_hi"], peak.amax(0).double())
         per_unit = (k / st["cell_hi"].clamp(min=_EPS)).float()  # (D,)
         bins = (x * per_unit[:, None]).long().clamp_(max=k - 1) + (ar * k)[:, None]  # (B, D, P), x ≥ 0
-        st["cell_hist"] += torch.bincount(bins.reshape(-1), minlength=d * k).reshape(1, d, k)
+        _count_into(st["cell_hist"], bins.reshape(-1))
 
         km = self.mis_bins
         st["mis_hi"] = _grow_histogram(st["mis_hist"], st["mis_hi"], mean_act.amax(0).double())
         mb = _bin_index(mean_act.double(), st["mis_hi"], km)  # (B, D)
         flat = ((labels[:, None] * d + ar) * km + mb).reshape(-1)
-        st["mis_hist"] += torch.bincount(flat, minlength=self.c * d * km).reshape(self.c, d, km)
+        _count_into(st["mis_hist"], flat)
 
     def _parts(self, x: Tensor, parts: Mapping[str, Any], onehot: Tensor, h: int, w: int) -> None:
         st = self.state
@@ -395,7 +408,7 @@ def _part_context(part_masks: Tensor | None, device: torch.device) -> dict[str, 
     """Per batch, the part masks' areas and (lazily, once per grid size) their share of each map cell."""
     if part_masks is None or part_masks.shape[1] == 0:
         return None
-    masks = part_masks.to(device).float()  # converted once: the (B, K, S, S) copy is the costly part
+    masks = part_masks.to(device, non_blocking=True).float()  # converted once: the (B, K, S, S) copy costs
     cache: dict[tuple[int, int], Tensor] = {}
 
     def pooled(h: int, w: int) -> Tensor:
@@ -468,6 +481,7 @@ def analyze(
     mis_bins: int = 32,
     estimate_stride: int = 4,
     stats_threads: int | None = 1,
+    amp: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Return the per-filter analysis of ``layers`` over one pass of ``loader`` (see the module docstring).
@@ -498,6 +512,8 @@ def analyze(
             on the shared 2-core box one thread took the pass from 0.54× to 0.80× of plain inference
             with 2 threads under load, and from 0.81× to 0.86× on a quiet machine. The final reduction
             (larger ops: the instability of N × D peaks) keeps the current setting.
+        amp: on CUDA, run the forward pass under bf16 autocast, as training and validation do
+            (``train.amp``); the statistics stay float32/float64 (autocast is off inside the hooks).
         progress: show a tqdm bar.
 
     Returns:
@@ -532,7 +548,8 @@ def analyze(
             if not isinstance(output, Tensor) or output.dim() != 4:
                 shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
                 raise ValueError(f"layer {name!r} outputs {shape}, not a (B, D, h, w) map")
-            with cpu_threads(stats_threads if output.device.type == "cpu" else None):
+            with torch.autocast(output.device.type, enabled=False), \
+                    cpu_threads(stats_threads if output.device.type == "cpu" else None):
                 analyzers[name].update(output, current["labels"], current["index"], current["part_masks"])
         return hook
 
@@ -541,19 +558,24 @@ def analyze(
     handles = [modules[name].register_forward_hook(hook_for(name)) for name in layers]
     was_training = model.training
     model.to(device).eval()
-    labels_all, landmarks_all, visible_all, correct = [], [], [], 0
+    labels_all, landmarks_all, visible_all = [], [], []
+    # Nothing in the loop waits for a GPU (no .item(), no blocking copy back): the host queues the next
+    # batch while the device still works on this one. The count stays on the device until the end.
+    correct_t = torch.zeros((), dtype=torch.long, device=device)
     try:
         with torch.inference_mode():
             for batch in tqdm(loader, desc="analyze", disable=not progress, leave=False):
-                labels = torch.as_tensor(batch["label"]).long().to(device, non_blocking=True)
+                label_cpu = torch.as_tensor(batch["label"]).long()
+                labels = label_cpu.to(device, non_blocking=True)
                 current["labels"] = labels
-                current["index"] = torch.as_tensor(batch["index"]).long()
+                current["index"] = torch.as_tensor(batch["index"]).long().to(device, non_blocking=True)
                 current["part_masks"] = _part_context(batch.get("part_masks"), device)
-                logits = model(batch["image"].to(device, non_blocking=True))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+                    logits = model(batch["image"].to(device, non_blocking=True))
                 if isinstance(logits, (tuple, list)):
                     logits = logits[0]
-                correct += int((logits.argmax(1) == labels).sum())
-                labels_all.append(labels.cpu())
+                correct_t += (logits.argmax(1) == labels).sum()
+                labels_all.append(label_cpu)
                 if "landmarks" in batch:
                     landmarks_all.append(torch.as_tensor(batch["landmarks"]).float())
                     visible_all.append(torch.as_tensor(batch["visible"]).bool())
@@ -561,6 +583,12 @@ def analyze(
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    for an in analyzers.values():  # the statistics to the host once, without a stall per tensor
+        if an.state is not None:
+            an.state = {k: v.to("cpu", non_blocking=True) for k, v in an.state.items()}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the non-blocking copies (peaks, cells, statistics) are complete
+    correct = int(correct_t)
     if is_distributed():
         correct = _gather_ranks(analyzers, labels_all, landmarks_all, visible_all, correct)
     if not labels_all:
@@ -593,7 +621,7 @@ def analyze(
         summary["layers"][name] = layer_summary
         filters += layer_filters
         matrices[name] = mats
-        states[name] = {k: v.cpu() for k, v in an.state.items()}
+        states[name] = an.state
     return {"summary": summary, "filters": filters, "matrices": matrices, "state": states}
 
 
@@ -635,7 +663,7 @@ def _gather_ranks(analyzers: Mapping[str, _LayerAnalyzer], labels_all: list, lan
 def _finish_layer(name: str, an: _LayerAnalyzer, geometry: LayerGeometry, *, category: Tensor | None,
                   label: Tensor, landmarks: Tensor | None, visible: Tensor | None, classes: Sequence[str],
                   landmark_names: Sequence[str], image_size: int, settings: dict) -> tuple[dict, list, dict]:
-    st = {k: v.cpu() for k, v in an.state.items()}
+    st = an.state  # on the CPU (analyze moved it)
     n = st["n"]
     d = st["active"].shape[0]
     h, w = an.map_size
@@ -705,25 +733,32 @@ def _finish_layer(name: str, an: _LayerAnalyzer, geometry: LayerGeometry, *, cat
     records = []
     top_xy = geometry.cell_centres(torch.stack((st["top_cell"] // w, st["top_cell"] % w), -1).double()).tolist()
     top_index, top_value = st["top_index"].tolist(), st["top_value"].tolist()
+    # Python lists once, not a tensor index per filter and field (that was most of this loop's time).
+    cols = {k: v.tolist() for k, v in dict(
+        category=category, rate=rate, silent=silent, mean_peak=peak_mass / n, exclusivity=exclusivity, inter=inter,
+        mi_spatial=mi_spatial, spatial=spatial, mis=mis, mis_class=mis_class, closest_value=closest_value,
+        closest=closest, inst_f=inst_f, inst_fk=inst_fk, tracked=tracked, part_score=part_score,
+        best_part=best_part).items()}
     for f in range(d):
         tops = [{"index": i, "value": v, "x": xy[0], "y": xy[1]}
                 for i, v, xy in zip(top_index[f], top_value[f], top_xy[f]) if i >= 0]
-        c = int(category[f])
+        c = cols["category"][f]
+        tracked_f, best_part_f = cols["tracked"][f], cols["best_part"][f]
         records.append({
             "layer": name, "filter": f, "category": c, "category_name": classes[c] if 0 <= c < len(classes) else None,
-            "activation_rate": float(rate[f]), "silent": bool(silent[f]),
-            "mean_peak": float(peak_mass[f] / n),
-            "exclusivity": _finite(exclusivity[f]), "inter_category_entropy": _finite(inter[f]),
-            "mi_spatial_entropy": _finite(mi_spatial[f]), "spatial_entropy": _finite(spatial[f]),
-            "mis": _finite(mis[f]), "mis_class": int(mis_class[f]),
-            "cluster": int(cluster_id[f]), "cluster_best": f in best,
-            "max_redundancy": _finite(closest_value[f]) if d > 1 else None,
-            "redundant_with": int(closest[f]) if d > 1 else None,
-            "location_instability": _finite(inst_f[f]),
-            "instability_per_landmark": {names[k]: _finite(inst_fk[f, k]) for k in range(inst_fk.shape[1])},
-            "tracked_landmark": names[int(tracked[f])] if int(tracked[f]) >= 0 else None,
-            "part_interpretability": _finite(part_score[f]),
-            "best_part": names[int(best_part[f])] if 0 <= int(best_part[f]) < len(names) else None,
+            "activation_rate": cols["rate"][f], "silent": cols["silent"][f],
+            "mean_peak": cols["mean_peak"][f],
+            "exclusivity": _finite(cols["exclusivity"][f]), "inter_category_entropy": _finite(cols["inter"][f]),
+            "mi_spatial_entropy": _finite(cols["mi_spatial"][f]), "spatial_entropy": _finite(cols["spatial"][f]),
+            "mis": _finite(cols["mis"][f]), "mis_class": cols["mis_class"][f],
+            "cluster": cluster_id[f], "cluster_best": f in best,
+            "max_redundancy": _finite(cols["closest_value"][f]) if d > 1 else None,
+            "redundant_with": cols["closest"][f] if d > 1 else None,
+            "location_instability": _finite(cols["inst_f"][f]),
+            "instability_per_landmark": {names[k]: _finite(v) for k, v in enumerate(cols["inst_fk"][f])},
+            "tracked_landmark": names[tracked_f] if tracked_f >= 0 else None,
+            "part_interpretability": _finite(cols["part_score"][f]),
+            "best_part": names[best_part_f] if 0 <= best_part_f < len(names) else None,
             "top_images": tops,
         })
 
@@ -950,7 +985,9 @@ def analyze_run(
                             num_workers=recipe.data.num_workers, pin_memory=dev.type == "cuda")
     else:
         loader = DataLoader(dataset, batch_size=batch_size or recipe.train.eval_batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(seed), num_workers=recipe.data.num_workers)
+                            generator=torch.Generator().manual_seed(seed), num_workers=recipe.data.num_workers,
+                            pin_memory=dev.type == "cuda")
+    options.setdefault("amp", recipe.train.amp)
     result = analyze(model, loader, layers=layers, filter_category=categories, classes=dataset.classes,
                      landmark_names=dataset.landmark_names, image_size=dataset.image_size, device=dev,
                      progress=progress and is_main(), **options)

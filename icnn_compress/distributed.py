@@ -75,8 +75,10 @@ def init_distributed(device: str | torch.device = "auto", *, timeout_s: float = 
     """
     want = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                         ("cpu" if device == "auto" else device))
-    if want.type == "cuda" and want.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        want = torch.device("cuda", local_rank())
+    if want.type == "cuda" and want.index is None:
+        # One process: the current GPU. Under torchrun: the rank's own (set_device needs an index).
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        want = torch.device("cuda", local_rank() if distributed else torch.cuda.current_device())
     if want.type == "cuda":
         torch.cuda.set_device(want)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():

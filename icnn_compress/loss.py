@@ -75,16 +75,20 @@ def reference_gradient(
         guard: normalise ω by mean |ω| instead of mean ω, so the sign cannot flip near collapse.
 
     The gradient is per image divided by B, to sit beside a batch-mean task loss. Reductions run in
-    float64 (METHOD.md §8: the mean-ω normalisation is ill-conditioned near collapse).
+    float64 (METHOD.md §8: the mean-ω normalisation is ill-conditioned near collapse). The map-sized
+    products stay float32 (exact for bf16 maps) and only their sums are float64: full float64 copies of
+    the maps doubled this function's memory traffic on a GPU.
     """
     b = x.shape[0]
-    xd, md = x.detach().double(), m.detach().double()
+    work = torch.promote_types(x.dtype, torch.float32)
+    xw, mw = x.detach().to(work), m.detach().to(work)
+    cells = x.shape[-2] * x.shape[-1]
     pos = positive.bool()
     neg = ~pos
-    s = (xd * md).mean(dim=(2, 3))  # (B, D) strength inside the mask
-    r = xd.mean(dim=(2, 3))  # (B, D) mean activation
+    s = (xw * mw).sum(dim=(2, 3), dtype=torch.float64) / cells  # (B, D) strength inside the mask
+    r = xw.sum(dim=(2, 3), dtype=torch.float64) / cells  # (B, D) mean activation
     # Monte-Carlo log-partitions: maps paired with masks of the reversed image and reversed filter.
-    cross = (xd * md.flip(0, 1)).mean(dim=(2, 3))
+    cross = (xw * mw.flip(0, 1)).sum(dim=(2, 3), dtype=torch.float64) / cells
     log_b = math.log(b)
     a_pos = a * (torch.logsumexp(cross / a, dim=0) - log_b)  # (D,)
     a_neg = a * (torch.logsumexp(-r / a, dim=0) - log_b)
@@ -92,7 +96,7 @@ def reference_gradient(
     omega_neg = _normalised_weights(-r / a, -r - a_neg + a, neg, guard)
     coef_pos = -kappa * w_pos.double() * omega_pos / b  # (B, D)
     coef_neg = kappa * w_neg.double() * omega_neg / b
-    grad = coef_pos[..., None, None] * md + coef_neg[..., None, None]
+    grad = torch.addcmul(coef_neg.to(work)[..., None, None], coef_pos.to(work)[..., None, None], mw)
     # −MI under the target-template approximation: −Σ p log p with p = e^{(s−A)/a}, per target family.
     lp = torch.where(pos, (s - a_pos) / a, torch.zeros_like(s))
     ln = torch.where(neg, (-r - a_neg) / a, torch.zeros_like(r))
@@ -101,7 +105,7 @@ def reference_gradient(
     n_pos = pos.sum(dim=0).clamp(min=1)
     n_neg = neg.sum(dim=0).clamp(min=1)
     neg_mi = -(w_pos.double() * plogp.sum(dim=0) / n_pos + w_neg.double() * qlogq.sum(dim=0) / n_neg)
-    return _sanitise(grad).to(x.dtype), neg_mi
+    return torch.nan_to_num_(grad, nan=0.0).to(x.dtype), neg_mi
 
 
 def _template_kernels(beta: Tensor, h: int, w: int) -> Tensor:
@@ -270,7 +274,7 @@ class FilterLoss:
             if not mask.training:
                 return
             positive = positive_pairs(labels, mask.category, self.single_category)
-            peaks = x.detach().float().amax(dim=(2, 3))  # (B, D)
+            peaks = x.detach().amax(dim=(2, 3)).float()  # (B, D); max is exact in any dtype
             stats.add("fired", (peaks > 0).sum(dim=0))
             top = peaks.amax(dim=0)
             stats.peak_max = top if stats.peak_max is None else torch.maximum(stats.peak_max, top)

@@ -163,7 +163,7 @@ class InterpretableMask(nn.Module):
     def update_categories(self, x: Tensor, labels: Tensor) -> None:
         """Fold one training batch into the per-class mean peak (EMA, momentum ``category_momentum``)."""
         c = self.num_classes
-        peaks = x.detach().float().amax(dim=(2, 3))  # (B, D)
+        peaks = x.detach().amax(dim=(2, 3)).float()  # (B, D); max is exact in any dtype
         labels = labels.clamp(max=c - 1) if c == 1 else labels
         onehot = torch.nn.functional.one_hot(labels, c).float()  # (B, C)
         count = onehot.sum(dim=0)  # (C,)

@@ -59,6 +59,21 @@ log = logging.getLogger(__name__)
 ARMS = ("icnn", "masks-only", "baseline")
 
 
+def _rng_states(device: torch.device) -> dict[str, Tensor]:
+    """The generators a resumed run must continue: the CPU's (shuffling) and, on a GPU, the device's (dropout)."""
+    states = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_rng_states(state: dict) -> None:
+    # torch.load(map_location=<the GPU>) moved the saved byte tensors there; the setters want them on the CPU.
+    torch.set_rng_state(state["rng"].cpu())
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu())
+
+
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` → CUDA when available, else CPU; anything else as torch spells it."""
     if name == "auto":
@@ -472,7 +487,7 @@ def finetune(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, kappa0, calibration = state["epoch"] + 1, state["kappa"], state.get("calibration")
-        torch.set_rng_state(state["rng"])
+        _set_rng_states(state)
         log.info("resuming %s from epoch %d", run.path, start)
     elif arm != "icnn":
         kappa0 = 0.0
@@ -549,7 +564,7 @@ def finetune(
                 log.info("epoch %d: loss %.4f acc %.2f val %.2f", epoch, stats["train_loss"], stats["train_acc"],
                          val_acc)
                 atomic_save({"model": good[0], "optimizer": good[1], "epoch": epoch, "kappa": kappa0,
-                             "calibration": calibration, "rng": torch.get_rng_state()}, run.last_path)
+                             "calibration": calibration, **_rng_states(setup.device)}, run.last_path)
             epoch += 1
     guard.final_check(record)
     if not main:

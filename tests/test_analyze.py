@@ -168,6 +168,19 @@ def test_batch_order_does_not_change_sums() -> None:
         assert [f[key] for f in a["filters"]] == pytest.approx([f[key] for f in b["filters"]], nan_ok=True)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_analysis_matches_cpu(result: dict) -> None:
+    on_gpu = _analyze(device="cuda")
+    for key in ("exclusivity", "spatial_entropy", "mis", "location_instability", "activation_rate",
+                "part_interpretability", "cluster"):
+        assert [f[key] for f in on_gpu["filters"]] == pytest.approx([f[key] for f in result["filters"]], nan_ok=True)
+    for key in ("cell_hist", "mis_hist", "cell_hi", "top_value"):
+        assert torch.equal(on_gpu["state"]["layer"][key], result["state"]["layer"][key]), key
+    # top-k order among equal values is the device's own: compare the filters without ties (not 3, all zero)
+    keep = [0, 1, 2, 4]
+    assert torch.equal(on_gpu["state"]["layer"]["top_index"][keep], result["state"]["layer"]["top_index"][keep])
+
+
 def test_merge_states_equals_one_pass() -> None:
     whole = _analyze()["state"]["layer"]
     first = _analyze(loader=_loader()[:1])["state"]["layer"]
@@ -205,6 +218,14 @@ def test_doubling_histogram_keeps_counts_and_orders(values, chunks) -> None:
     assert hist.sum() == len(values)
     q = float(_top_quantile(hist[0], hi, 0.0))
     assert q <= float(v.max()) + float(hi) / k + 1e-9
+
+
+def test_growing_one_filter_merges_its_bins_and_leaves_the_others() -> None:
+    hist = torch.tensor([[[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0]]])
+    hi = _grow_histogram(hist, torch.tensor([8.0, 8.0], dtype=torch.float64), torch.tensor([20.0, 3.0], dtype=torch.float64))
+    assert hi.tolist() == [32.0, 8.0]  # two doublings for filter 0, none for filter 1
+    assert hist[0, 0].tolist() == [10.0, 26.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert hist[0, 1].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0]
 
 
 def test_subsampled_estimates_leave_the_rest_exact() -> None:

@@ -133,7 +133,9 @@ def test_mutual_information_loss_matches_loops_and_has_gradient():
     expected = mi_loss_loops(x, beta, rows, cols, pos, w_pos, w_neg)
     xf = x.float().requires_grad_(True)
     got = mutual_information_loss(xf, beta, rows, cols, pos, w_pos=w_pos, w_neg=w_neg)
-    assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-9)
+    # float32 against a float64 loop: 1e-5 held on this project's CPU box and failed on an H100 host's
+    # CPU (another vector width, another summation order); the loss itself is ~1e-3.
+    assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-9)
     got.sum().backward()
     assert xf.grad is not None and xf.grad.abs().sum() > 0
 

@@ -9,7 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from icnn_compress import receptive_field
 from icnn_compress.receptive_field import LayerGeometry, layer_geometry
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    """Every test here measures: none may pass on a geometry an earlier test left in the cache."""
+    receptive_field._CACHE.clear()
+    yield
+    receptive_field._CACHE.clear()
 
 
 def _close(got: tuple[float, float], want: tuple[float, float]) -> bool:
@@ -146,3 +155,24 @@ def test_containing_cell_inverts_cell_centres(offset, stride, row, col) -> None:
     jitter = torch.tensor([[0.49 * stride[1], -0.49 * stride[0]]], dtype=torch.float64)
     assert g.containing_cell(xy + jitter, 10).tolist() == [[row, col]]
     assert g.containing_cell(xy + 100 * stride[0] + 100 * stride[1], 10).tolist() == [[9, 9]]
+
+
+class _FlagNet(nn.Module):
+    """A custom forward that pools or not by a plain attribute: same modules, different geometry."""
+
+    def __init__(self, pool: bool) -> None:
+        super().__init__()
+        self.pool = pool
+        self.conv = nn.Conv2d(1, 1, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(nn.functional.avg_pool2d(x, 2) if self.pool else x)
+
+
+def test_cached_geometry_follows_the_structure_and_plain_flags() -> None:
+    first = layer_geometry(_FlagNet(True), "conv", image_size=32, in_channels=1)
+    assert len(receptive_field._CACHE) == 1
+    assert layer_geometry(_FlagNet(True), "conv", image_size=32, in_channels=1) is first  # measured once
+    other = layer_geometry(_FlagNet(False), "conv", image_size=32, in_channels=1)
+    assert (first.stride, other.stride) == ((2.0, 2.0), (1.0, 1.0))
+    assert len(receptive_field._CACHE) == 2
