@@ -177,14 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="accuracy and location instability of a run")
     p.add_argument("run", type=Path)
-    p.add_argument("--data", type=Path, default=None, help="dataset folder (default: the run's data.root)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="dataset folder, read whole (default: the run's data.root, with the recipe's limits)")
     p.add_argument("--split", default="test", choices=["train", "test", "all"])
     p.add_argument("--json", type=Path, default=None, help="write the full result here")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("analyze", help="per-filter exclusivity, spatial entropy, silence, redundancy, instability")
     p.add_argument("run", type=Path)
-    p.add_argument("--data", type=Path, default=None, help="dataset folder (default: the run's data.root)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="dataset folder, read whole (default: the run's data.root, with the recipe's limits)")
     p.add_argument("--split", default="test", choices=["train", "test", "all"])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--layers", nargs="+", default=None, help="module names (default: the masked layers)")

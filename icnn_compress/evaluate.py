@@ -224,7 +224,8 @@ def open_run(
     """Load a run's model on ``device`` and open a split of its dataset (or of ``data_root``).
 
     Returns (model in eval mode, the saved model file, its recipe, the dataset); the dataset's classes
-    must be the model's.
+    must be the model's. The recipe's ``limit_train``/``limit_test`` cap its own dataset; a folder given
+    as ``data_root`` is read whole (a larger held-out set is usually why it is given).
     """
     from dataclasses import replace
 
@@ -234,7 +235,8 @@ def open_run(
 
     model, saved = load_run_model(run, device=device)
     recipe = recipe_from_dict(saved["recipe"], source=f"{run}/model.pt")
-    data_cfg = recipe.data if data_root is None else replace(recipe.data, root=str(data_root), generate=None)
+    data_cfg = recipe.data if data_root is None else replace(recipe.data, root=str(data_root), generate=None,
+                                                             limit_train=None, limit_test=None)
     dataset = open_split(data_cfg, split, progress=progress)
     if list(dataset.classes) != list(saved["classes"]):
         raise ValueError(f"the dataset's classes {dataset.classes[:5]}... are not the model's {saved['classes'][:5]}...")

@@ -124,6 +124,17 @@ class InterpretableMask(nn.Module):
         self.hook: Callable[[InterpretableMask, Tensor, Tensor], None] | None = None
 
     @property
+    def hook(self) -> Callable[[InterpretableMask, Tensor, Tensor], None] | None:
+        return self._hook
+
+    @hook.setter
+    def hook(self, fn: Callable[[InterpretableMask, Tensor, Tensor], None] | None) -> None:
+        # forward() reads only this flag: under torch.compile a bool is guarded by value, while the
+        # filter loss installs a new closure every batch, which would recompile the graph every step.
+        self._hook = fn
+        self.hooked = fn is not None
+
+    @property
     def num_filters(self) -> int:
         return self.beta.shape[0]
 
@@ -150,14 +161,20 @@ class InterpretableMask(nn.Module):
         return m.to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, D, h, w), post-ReLU
-        if not self.active and self.hook is None:
+        if not self.active and not self.hooked:
             return x
         m = self.masks_for(x)
-        if self.hook is not None:
-            self.hook(self, x, m)
+        if self.hooked:
+            self._run_hook(x, m)
         if not self.active:
             return x
         return torch.relu(x * m)
+
+    @torch.compiler.disable
+    def _run_hook(self, x: Tensor, m: Tensor) -> None:
+        """The filter loss' per-batch work, always eager: a compiled model breaks its graph here instead
+        of tracing the hook (its statistics and closures change every batch)."""
+        self._hook(self, x, m)
 
     @torch.no_grad()
     def update_categories(self, x: Tensor, labels: Tensor) -> None:

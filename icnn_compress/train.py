@@ -534,9 +534,10 @@ def finetune(
                                         "lower train.lr or icnn.kappa and run again with --resume") from None
                 stats = {"train_loss": math.inf, "train_acc": 0.0}
             layers = _epoch_stats(filter_loss)
-            # Under DDP validate the bare module: each rank runs a different number of eval batches, and
-            # DDP's forward may hold collectives.
-            val_acc, dead = validate_filters(model if is_distributed() else runner, test_data, setup.device,
+            # The bare, eager module: under DDP each rank runs a different number of eval batches and DDP's
+            # forward may hold collectives; a compiled runner would recompile for validation's recording
+            # hooks, new closures every epoch.
+            val_acc, dead = validate_filters(model, test_data, setup.device,
                                              filter_loss.masks, amp=setup.amp, channels_last=setup.channels_last)
             for name, count in dead.items():
                 layers[name]["dead"] = count
@@ -620,7 +621,8 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, good: tuple[dic
 
 
 class _compiled:
-    """Context yielding ``torch.compile(model)`` when asked (the filter-loss hooks stay eager)."""
+    """Context yielding ``torch.compile(model)`` when asked; the filter-loss hooks stay eager
+    (``InterpretableMask._run_hook``), so the graphs compile once and are reused every step."""
 
     def __init__(self, model: nn.Module, enabled: bool) -> None:
         self.model, self.enabled = model, enabled

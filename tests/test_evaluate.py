@@ -134,3 +134,19 @@ def test_bad_arguments() -> None:
         _run(_model(), layers=["1"], filter_category={"0": torch.tensor([0, 1])})
     with pytest.raises(ValueError, match="landmark names"):
         _run(_model(), landmark_names=["head"])
+
+
+def test_a_run_reads_its_recipe_limits_but_a_given_folder_whole(tiny_recipe, tiny_parts, tmp_path) -> None:
+    from icnn_compress.checkpoint import save_model_file
+    from icnn_compress.config import recipe_to_dict
+    from icnn_compress.data.recipe import open_split
+    from icnn_compress.evaluate import evaluate_run
+    from icnn_compress.train import build_for_recipe
+
+    recipe = tiny_recipe("data.limit_test=5")
+    classes = open_split(recipe.data, "test", progress=False).classes
+    model, architecture = build_for_recipe(recipe, arm="icnn", classes=list(classes), image_size=64)
+    save_model_file(tmp_path / "run" / "model.pt", state_dict=model.state_dict(), architecture=architecture,
+                    classes=classes, extra={"recipe": recipe_to_dict(recipe), "arm": "icnn"})
+    assert evaluate_run(tmp_path / "run", device="cpu")["num_images"] == 5
+    assert evaluate_run(tmp_path / "run", data_root=tiny_parts, device="cpu")["num_images"] == 32  # 4 × 8

@@ -192,3 +192,23 @@ def test_baseline_mask_tracks_categories_but_injects_nothing():
     assert base[2].class_seen.all()
     assert fl.stats["2"].batches == 0
     assert torch.equal(out, tiny_model(active=False)(x))
+
+
+def test_a_compiled_model_compiles_once_and_keeps_the_filter_loss_eager():
+    """torch.compile must not trace the per-batch hook (a new closure, changing statistics): that
+    recompiled the mask's graph every step until dynamo gave up (recompile_limit) and ran it eagerly."""
+    torch._dynamo.reset()
+    x = torch.randn(6, 3, 6, 6)
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    model, eager = tiny_model(), tiny_model()
+    compiled = torch.compile(model, backend="eager")  # dynamo's tracing and guards, without codegen
+    fls = FilterLoss(model), FilterLoss(eager)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            for net, fl in ((compiled, fls[0]), (eager, fls[1])):
+                with fl.batch(labels, 1.0):
+                    loss = torch.nn.functional.cross_entropy(net(x), labels)
+                loss.backward()
+    assert fls[0].stats["2"].images == 18 and fls[0].stats["2"].batches == 3  # the hook ran every step
+    assert torch.allclose(model[0].weight.grad, eager[0].weight.grad)
+    assert torch.equal(model[2].class_peak, eager[2].class_peak) and torch.equal(model[2].beta, eager[2].beta)
