@@ -125,6 +125,7 @@ class InterpretableMask(nn.Module):
 
     @property
     def hook(self) -> Callable[[InterpretableMask, Tensor, Tensor], None] | None:
+        """The filter loss' callback for the current batch, or None (see ``FilterLoss.batch``)."""
         return self._hook
 
     @hook.setter
