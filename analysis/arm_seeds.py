@@ -1,0 +1,191 @@
+"""The three arms over several training seeds: paired accuracy gaps and instability ratios, with standard errors.
+
+One pair of runs cannot carry "accuracy within 1 point": on mobilenet_v2_fashion the gap between the ICNN and
+the baseline of the same seed moves by about 1.5 points from one training seed to the next, more than the
+difference being judged. This study fine-tunes every arm for every seed of a recipe, evaluates each run on a
+held-out split (for fashion-canvas recipes the 4000-image split of ``heldout_eval.py``; else the recipe's test
+split), and reports each arm against the baseline of the same seed: the mean paired accuracy difference with
+its standard error over seeds, and the mean instability ratio per masked layer.
+
+    python analysis/arm_seeds.py recipes/mobilenet_v2_fashion.toml --seeds 0 1 2 3 --out runs/arm-seeds
+        [--arms baseline masks-only icnn] [--workers N] [--data DIR] [--set SECTION.KEY=VALUE ...]
+
+``--workers`` runs that many fine-tunes at once (worth it on a GPU, where one MobileNetV2 run leaves it mostly
+idle; add ``--set data.num_workers=3``). Writes ``<out>/<arm>-s<seed>/`` (each run and its ``heldout.json``),
+``arm_seeds.json``, ``arm_seeds.md`` and ``arm_seeds.png``. Evaluated runs are reused and an interrupted run
+resumes from its last complete epoch, so the study continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import logging
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from heldout_eval import heldout_split
+
+from icnn_compress.checkpoint import atomic_write_text
+from icnn_compress.config import load_recipe
+from icnn_compress.data.recipe import ensure_dataset
+
+log = logging.getLogger("arm_seeds")
+ARMS = ("baseline", "masks-only", "icnn")
+
+
+def _icnn(*args: str) -> None:
+    """Run one ``icnn`` command in its own process (a failed run names its log and stops the study)."""
+    done = subprocess.run([sys.executable, "-m", "icnn_compress.cli", *args], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"icnn {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def run_cell(recipe: Path, out: Path, arm: str, seed: int, sets: list[str], data: Path | None) -> dict:
+    """Fine-tune one arm with one seed (resuming an interrupted run) and evaluate it on the held-out data."""
+    run = out / f"{arm}-s{seed}"
+    result = run / "heldout.json"
+    if not result.is_file():
+        if not (run / "model.pt").is_file():
+            args = ["finetune", str(recipe), "--out", str(run), "--set", f"train.seed={seed}"]
+            args += [a for s in sets for a in ("--set", s)]
+            args += [] if arm == "icnn" else [f"--{arm}"]
+            args += ["--resume"] if (run / "last.pt").is_file() else []
+            _icnn(*args)
+        _icnn("evaluate", str(run), "--json", str(result), *(["--data", str(data)] if data else []))
+        log.info("%s-s%d evaluated", arm, seed)
+    res = json.loads(result.read_text())
+    return {
+        "arm": arm,
+        "seed": seed,
+        "accuracy": res["accuracy"],
+        "num_images": res["num_images"],
+        "kappa0": res.get("kappa0"),
+        "layers": {name: {k: layer[k] for k in ("location_instability", "oracle_reference", "random_reference")}
+                   for name, layer in res["layers"].items()},
+    }
+
+
+def summarise(cells: list[dict], arms: list[str]) -> dict:
+    """Per arm: mean accuracy, the paired difference to the same seed's baseline (mean, s.e.) and ratios."""
+    by = {(c["arm"], c["seed"]): c for c in cells}
+    seeds = sorted({c["seed"] for c in cells if ("baseline", c["seed"]) in by})
+    out = {}
+    for arm in arms:
+        pairs = [(by[arm, s], by["baseline", s]) for s in seeds if (arm, s) in by]
+        if not pairs:
+            continue
+        diffs = [100 * (a["accuracy"] - b["accuracy"]) for a, b in pairs]
+        ratios = {name: [a["layers"][name]["location_instability"] / b["layers"][name]["location_instability"]
+                         for a, b in pairs] for name in pairs[0][1]["layers"]}
+        out[arm] = {
+            "seeds": [a["seed"] for a, _ in pairs],
+            "accuracy_mean": statistics.fmean(100 * a["accuracy"] for a, _ in pairs),
+            "gap_mean": statistics.fmean(diffs),
+            "gap_se": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan,
+            "gap_worst": min(diffs),
+            "instability_ratio": {n: statistics.fmean(r) for n, r in ratios.items()},
+            "instability_ratio_max": {n: max(r) for n, r in ratios.items()},
+        }
+    return out
+
+
+def table(cells: list[dict], summary: dict, arms: list[str]) -> str:
+    """The per-seed runs and the summary as Markdown."""
+    by = {(c["arm"], c["seed"]): c for c in cells}
+    layers = list(cells[0]["layers"])
+    lines = ["| arm | seed | accuracy % | Δ vs baseline | κ₀ | " + " | ".join(layers) + " |",
+             "|---|---|---|---|---|" + "---|" * len(layers)]
+    for arm in arms:
+        for c in sorted((c for c in cells if c["arm"] == arm), key=lambda c: c["seed"]):
+            base = by.get(("baseline", c["seed"]))
+            gap = f"{100 * (c['accuracy'] - base['accuracy']):+.2f}" if base and arm != "baseline" else "–"
+            ratio = [f"{c['layers'][n]['location_instability']:.4f}"
+                     + (f" ({c['layers'][n]['location_instability'] / base['layers'][n]['location_instability']:.2f})"
+                        if base else "") for n in layers]
+            lines.append(f"| {arm} | {c['seed']} | {100 * c['accuracy']:.2f} | {gap} | {c['kappa0'] or 0:.3g} | "
+                         + " | ".join(ratio) + " |")
+    lines += ["", "| arm | seeds | mean accuracy % | mean Δ ± s.e. (worst) | "
+              + " | ".join(f"{n} ratio, mean (max)" for n in layers) + " |",
+              "|---|---|---|---|" + "---|" * len(layers)]
+    for arm, s in summary.items():
+        gap = "–" if arm == "baseline" else f"{s['gap_mean']:+.2f} ± {s['gap_se']:.2f} ({s['gap_worst']:+.2f})"
+        lines.append(f"| {arm} | {len(s['seeds'])} | {s['accuracy_mean']:.2f} | {gap} | "
+                     + " | ".join(f"{s['instability_ratio'][n]:.2f} ({s['instability_ratio_max'][n]:.2f})"
+                                  for n in layers) + " |")
+    ref = cells[0]["layers"][layers[0]]
+    lines += ["", f"References on {cells[0]['num_images']} images: oracle {ref['oracle_reference']:.4f}, "
+                  f"random {ref['random_reference']:.4f}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(cells: list[dict], arms: list[str], path: Path) -> None:
+    """Accuracy and top-layer instability of every run, one line per seed across the arms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(cells[0]["layers"])
+    fig, axes = plt.subplots(1, 1 + len(layers), figsize=(4 * (1 + len(layers)), 3.6))
+    by = {(c["arm"], c["seed"]): c for c in cells}
+    for seed in sorted({c["seed"] for c in cells}):
+        xs = [i for i, a in enumerate(arms) if (a, seed) in by]
+        row = [by[arms[i], seed] for i in xs]
+        axes[0].plot(xs, [100 * c["accuracy"] for c in row], "o-", alpha=0.7, label=f"seed {seed}")
+        for ax, name in zip(axes[1:], layers):
+            ax.plot(xs, [c["layers"][name]["location_instability"] for c in row], "o-", alpha=0.7)
+    axes[0].set_ylabel("held-out accuracy %")
+    axes[0].legend(fontsize=7)
+    for ax, name in zip(axes[1:], layers):
+        ref = cells[0]["layers"][name]
+        ax.axhline(ref["oracle_reference"], color="grey", ls="--", lw=1, label="oracle")
+        ax.set_ylabel(f"location instability, {name}")
+        ax.legend(fontsize=7)
+    for ax in axes:
+        ax.set_xticks(range(len(arms)), arms)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--out", type=Path, default=Path("runs/arm-seeds"))
+    parser.add_argument("--workers", type=int, default=1, help="fine-tunes run at once")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="held-out folder, read whole (default for fashion-canvas recipes: heldout_eval.py's "
+                             "4000-image split; else the recipe's test split)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a recipe key in every run")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if "baseline" not in args.arms:
+        parser.error("--arms needs baseline: every arm is compared with the baseline of its seed")
+    recipe = load_recipe(args.recipe, args.set)
+    ensure_dataset(recipe.data)  # once, before runs that would each generate it at the same time
+    data = args.data
+    if data is None and recipe.data.generate == "fashion-canvas":
+        data = heldout_split(Path("runs/data/fashion-canvas-heldout-4000-s1"), test_count=4000, seed=1)
+    jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
+    with cf.ThreadPoolExecutor(args.workers) as pool:
+        cells = list(pool.map(lambda job: run_cell(args.recipe, args.out, *job, args.set, data), jobs))
+    summary = summarise(cells, args.arms)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "arm_seeds.json", json.dumps({"cells": cells, "summary": summary}, indent=2))
+    md = table(cells, summary, args.arms)
+    atomic_write_text(args.out / "arm_seeds.md", md)
+    plot(cells, args.arms, args.out / "arm_seeds.png")
+    print(md)
+    print(f"wrote {args.out / 'arm_seeds.md'}, {args.out / 'arm_seeds.png'}")
+
+
+if __name__ == "__main__":
+    main()
