@@ -139,7 +139,7 @@ def plot(cells: list[dict], arms: list[str], path: Path) -> None:
         axes[0].plot(xs, [100 * c["accuracy"] for c in row], "o-", alpha=0.7, label=f"seed {seed}")
         for ax, name in zip(axes[1:], layers):
             ax.plot(xs, [c["layers"][name]["location_instability"] for c in row], "o-", alpha=0.7)
-    axes[0].set_ylabel("held-out accuracy %")
+    axes[0].set_ylabel("accuracy % (evaluated split)")
     axes[0].legend(fontsize=7)
     for ax, name in zip(axes[1:], layers):
         ref = cells[0]["layers"][name]
