@@ -202,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="the ICNN's own maps vs Captum explainers on the same measures")
     p.add_argument("run", type=Path)
-    p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--data", type=Path, default=None,
+                   help="dataset folder, read whole before --limit "
+                        "(default: the run's data.root, with the recipe's limits)")
     p.add_argument("--split", default="test", choices=["train", "test", "all"])
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--baseline", type=Path, default=None, help="baseline run, explained the same way")
@@ -224,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=int, metavar="N", help="prune.round_to: kept channels a multiple of N")
     p.add_argument("--floor", type=float, metavar="F", help="prune.floor: fraction of each layer always kept")
     p.add_argument("--recover-epochs", type=int, metavar="K", help="prune.recover_epochs: fine-tuning after pruning")
-    p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--data", type=Path, default=None,
+                   help="the run's dataset folder where it moved (the recipe's limits still apply)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted recovery")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=_cmd_prune)
@@ -234,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="model.onnx")
     p.add_argument("--quantize", choices=["int8"], default=None)
     p.add_argument("--calibration", type=int, default=256, help="images for int8 calibration")
-    p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--data", type=Path, default=None,
+                   help="the run's dataset folder where it moved (the recipe's limits still apply)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("calibrate", help="run the kappa pilot alone and print R and the chosen kappa")

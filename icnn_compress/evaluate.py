@@ -227,17 +227,15 @@ def open_run(
     must be the model's. The recipe's ``limit_train``/``limit_test`` cap its own dataset; a folder given
     as ``data_root`` is read whole (a larger held-out set is usually why it is given).
     """
-    from dataclasses import replace
-
     from .config import recipe_from_dict
-    from .data.recipe import open_split
+    from .data.recipe import open_split, relocate
+    from .errors import DatasetError
     from .train import load_run_model
 
     model, saved = load_run_model(run, device=device)
     recipe = recipe_from_dict(saved["recipe"], source=f"{run}/model.pt")
-    data_cfg = recipe.data if data_root is None else replace(recipe.data, root=str(data_root), generate=None,
-                                                             limit_train=None, limit_test=None)
-    dataset = open_split(data_cfg, split, progress=progress)
+    dataset = open_split(relocate(recipe.data, data_root, whole=True), split, progress=progress)
     if list(dataset.classes) != list(saved["classes"]):
-        raise ValueError(f"the dataset's classes {dataset.classes[:5]}... are not the model's {saved['classes'][:5]}...")
+        raise DatasetError(f"the dataset's classes {list(dataset.classes)[:5]}... are not the model's "
+                           f"{list(saved['classes'])[:5]}...; pass the dataset the run was trained on (--data)")
     return model, saved, recipe, dataset

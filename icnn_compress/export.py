@@ -14,7 +14,6 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +68,12 @@ def _load(run_or_model: str | Path | nn.Module, data_root: str | Path | None):
     if isinstance(run_or_model, nn.Module):
         return run_or_model.cpu().eval(), None, None, None
     from .config import recipe_from_dict
-    from .data.recipe import open_split
+    from .data.recipe import open_split, relocate
     from .train import load_run_model
 
     model, saved = load_run_model(run_or_model, device="cpu")
     recipe = recipe_from_dict(saved["recipe"], source=f"{run_or_model}/model.pt")
-    data = recipe.data if data_root is None else replace(recipe.data, root=str(data_root), generate=None)
+    data = relocate(recipe.data, data_root)
     test = open_split(data, "test", progress=False)
     return model, saved, test, (lambda: open_split(data, "train", progress=False))
 

@@ -150,3 +150,25 @@ def test_a_run_reads_its_recipe_limits_but_a_given_folder_whole(tiny_recipe, tin
                     classes=classes, extra={"recipe": recipe_to_dict(recipe), "arm": "icnn"})
     assert evaluate_run(tmp_path / "run", device="cpu")["num_images"] == 5
     assert evaluate_run(tmp_path / "run", data_root=tiny_parts, device="cpu")["num_images"] == 32  # 4 × 8
+
+
+def test_a_folder_of_other_classes_is_refused_with_a_hint(tiny_recipe, tmp_path, capsys) -> None:
+    from icnn_compress.checkpoint import save_model_file
+    from icnn_compress.cli import main
+    from icnn_compress.config import recipe_to_dict
+    from icnn_compress.data import generate_parts_dataset
+    from icnn_compress.errors import DatasetError
+    from icnn_compress.evaluate import evaluate_run
+    from icnn_compress.train import build_for_recipe
+
+    recipe = tiny_recipe()
+    classes = ["a", "b", "c", "d"]
+    model, architecture = build_for_recipe(recipe, arm="icnn", classes=classes, image_size=64)
+    save_model_file(tmp_path / "run" / "model.pt", state_dict=model.state_dict(), architecture=architecture,
+                    classes=classes, extra={"recipe": recipe_to_dict(recipe), "arm": "icnn"})
+    other = generate_parts_dataset(tmp_path / "two", seed=3, num_classes=2, train_per_class=1, test_per_class=2,
+                                   progress=False)
+    with pytest.raises(DatasetError, match=r"not the model's \['a', 'b', 'c', 'd'\].*--data"):
+        evaluate_run(tmp_path / "run", data_root=other, device="cpu")
+    assert main(["evaluate", str(tmp_path / "run"), "--data", str(other)]) == 2
+    assert "pass the dataset the run was trained on" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -356,21 +356,6 @@ def _figure_indices(indices: Sequence[int], labels: Tensor, count: int) -> list[
     return chosen
 
 
-def _open_run(run: str | Path, data_root: str | Path | None, split: str, device: torch.device):
-    from icnn_compress.config import recipe_from_dict
-    from icnn_compress.data.recipe import open_split
-    from icnn_compress.train import load_run_model
-
-    model, saved = load_run_model(run, device=device)
-    recipe = recipe_from_dict(saved["recipe"], source=f"{run}/model.pt")
-    data_cfg = recipe.data if data_root is None else replace(recipe.data, root=str(data_root), generate=None)
-    dataset = open_split(data_cfg, split, progress=False)
-    if list(dataset.classes) != list(saved["classes"]):
-        raise CompareError(f"the dataset's classes {list(dataset.classes)[:5]}... are not the model's "
-                         f"{list(saved['classes'])[:5]}...; pass the dataset the run was trained on (--data)")
-    return model, saved, recipe, dataset
-
-
 def compare_run(
     run: str | Path,
     *,
@@ -396,7 +381,8 @@ def compare_run(
         run: a run directory (or its ``model.pt``), usually ``RUN/icnn``.
         out: folder for ``compare.json`` (the returned dict), ``compare.md`` (the table) and
             ``compare.png`` (images × explainers, landmarks drawn).
-        data_root: dataset folder (default: the run recipe's ``data.root``).
+        data_root: dataset folder, read whole before ``limit`` (default: the run recipe's ``data.root``, with
+            its limits).
         split: ``"train"``, ``"test"`` or ``"all"``.
         methods: explainer names (:data:`~icnn_compress.compare.EXPLAINERS`).
         limit: images compared.
@@ -412,6 +398,7 @@ def compare_run(
         run's arm (``icnn``, ``baseline``...).
     """
     from icnn_compress.checkpoint import atomic_write_text
+    from icnn_compress.evaluate import open_run
     from icnn_compress.train import resolve_device
 
     from ._present import format_compare_table, plot_grid
@@ -423,7 +410,7 @@ def compare_run(
     comparisons: dict[str, Comparison] = {}
     meta: dict[str, Any] = {}
     for role, path in runs:
-        model, saved, recipe, dataset = _open_run(path, data_root, split, dev)
+        model, saved, recipe, dataset = open_run(path, data_root=data_root, split=split, device=dev)
         masks = saved["architecture"].get("masks") or []
         name_layer = layer or (masks[0] if masks else None)
         if name_layer is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from ..config import DataConfig
@@ -11,11 +12,23 @@ from .cub import CubDataset
 from .fashion import generate_fashion_canvas
 from .generate import generate_parts_dataset
 
-__all__ = ["ensure_dataset", "open_split"]
+__all__ = ["ensure_dataset", "open_split", "relocate"]
 
 log = logging.getLogger(__name__)
 
 _GENERATORS = {"parts": generate_parts_dataset, "fashion-canvas": generate_fashion_canvas}
+
+
+def relocate(cfg: DataConfig, root: str | Path | None, *, whole: bool = False) -> DataConfig:
+    """``cfg`` read from the folder ``root`` instead (``None``: ``cfg`` unchanged), never generated there.
+
+    ``whole`` drops the recipe's ``limit_train``/``limit_test``: a held-out folder given to measure on is
+    read whole, while a training folder that merely moved keeps the limits the run was trained with.
+    """
+    if root is None:
+        return cfg
+    limits = {"limit_train": None, "limit_test": None} if whole else {}
+    return replace(cfg, root=str(root), generate=None, **limits)
 
 
 def ensure_dataset(cfg: DataConfig, *, progress: bool = True) -> Path:

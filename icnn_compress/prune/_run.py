@@ -14,7 +14,7 @@ from torch import nn
 
 from icnn_compress.checkpoint import RunDir, atomic_write_text, save_model_file
 from icnn_compress.config import PruneConfig, Recipe, recipe_from_dict, recipe_to_dict
-from icnn_compress.data.recipe import open_split
+from icnn_compress.data.recipe import open_split, relocate
 from icnn_compress.train import finetune, load_run_model, loader, resolve_device, validate
 
 from ._graph import prune_model
@@ -26,10 +26,6 @@ __all__ = ["prune_run"]
 log = logging.getLogger(__name__)
 
 _RESERVED = ("format", "state_dict", "architecture", "classes")
-
-
-def _data(recipe: Recipe, data_root: str | Path | None):
-    return recipe.data if data_root is None else replace(recipe.data, root=str(data_root), generate=None)
 
 
 def _taylor_backward(train_data, device: torch.device, batches: int):
@@ -127,7 +123,7 @@ def prune_run(
     recipe = recipe_from_dict(saved["recipe"], source=f"{run}/model.pt")
     settings = _settings(recipe, run, target_macs=target_macs, criterion=criterion, recover_epochs=recover_epochs,
                          round_to=round_to, floor=floor)
-    data_cfg = _data(recipe, data_root)
+    data_cfg = relocate(recipe.data, data_root)
     test_set = open_split(data_cfg, "test", progress=progress)
     test = loader(test_set, batch_size=recipe.train.eval_batch_size, shuffle=False, seed=0, workers=0, device=dev)
     acc_before = validate(model, test, dev, amp=False, channels_last=False)
