@@ -41,6 +41,7 @@ __all__ = [
     "load_torchvision_weights",
     "read_state_dict",
     "save_model_file",
+    "trim_jsonl",
 ]
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,19 @@ def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
+
+
+def trim_jsonl(path: str | Path, stage: str, last_epoch: int) -> None:
+    """Drop the ``stage`` records of epochs after ``last_epoch`` (atomically): on resume, the epochs that the
+    restored checkpoint does not hold are run again and must not appear twice."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines
+            if (r := json.loads(line)).get("stage") != stage or r.get("epoch", 0) <= last_epoch]
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(kept))
 
 
 # ---------------------------------------------------------------------------------------------------------

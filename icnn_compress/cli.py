@@ -37,7 +37,7 @@ def _cmd_make_dataset(args: argparse.Namespace) -> int:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from .train import pretrain
 
-    path = pretrain(_recipe(args), args.out, progress=not args.quiet)
+    path = pretrain(_recipe(args), args.out, resume=args.resume, progress=not args.quiet)
     print(f"wrote the plain checkpoint {path}")
     return 0
 
@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train the recipe's plain architecture into OUT/model.pth")
     with_recipe(p)
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("finetune", help="fine-tune a checkpoint into an interpretable CNN")
@@ -271,8 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"icnn: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("icnn: interrupted; rerun with --resume (finetune) or the same command (pipeline) to continue",
-              file=sys.stderr)
+        print("icnn: interrupted; rerun with --resume (pretrain, finetune, prune) or the same command (pipeline) "
+              "to continue", file=sys.stderr)
         return 130
 
 

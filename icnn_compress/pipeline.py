@@ -40,7 +40,7 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, arms: tuple[str, ...] = ("b
         plain = out / "plain" / "model.pth"
         if not plain.exists():
             log.info("stage: plain training (%d epochs)", recipe.pretrain.epochs)
-            pretrain(recipe, plain.parent, progress=progress)
+            pretrain(recipe, plain.parent, resume=(plain.parent / "last.pt").exists(), progress=progress)
         recipe = _with_checkpoint(recipe, plain)
     results = {}
     for arm in arms:
@@ -50,7 +50,7 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, arms: tuple[str, ...] = ("b
         if not (run / "model.pt").exists():
             log.info("stage: fine-tune %s", arm)
             finetune(recipe, run, arm=arm, resume=(run / "last.pt").exists(), progress=progress)
-        results[arm] = evaluate_run(run, split="test", json_path=run / "evaluate.json", progress=progress)
+        results[arm] = _evaluated(run, progress)
     if {"icnn", "baseline"} <= set(results):
         _analyse(out, progress)
         results["pruned"] = _prune_and_export(recipe, out, progress)
@@ -64,7 +64,7 @@ def _prune_and_export(recipe: Recipe, out: Path, progress: bool) -> dict:
     from .prune import prune_run
 
     pruned = out / "pruned"
-    if not (pruned / "model.pt").exists():
+    if not (pruned / "pruning.json").exists():  # written last by prune_run
         settings = recipe.prune
         log.info("stage: prune to %g MACs (%s criterion, round_to %d) and recover %d epochs", settings.target_macs,
                  settings.criterion, settings.round_to, settings.recover_epochs)
@@ -77,7 +77,16 @@ def _prune_and_export(recipe: Recipe, out: Path, progress: bool) -> dict:
     if not (parity.exists() and json.loads(parity.read_text()).get("passed") is True):
         log.info("stage: ONNX export and parity")
         export_onnx(pruned, pruned / "model.onnx", parity_json=parity)
-    return evaluate_run(pruned, split="test", json_path=pruned / "evaluate.json", progress=progress)
+    return _evaluated(pruned, progress)
+
+
+def _evaluated(run: Path, progress: bool) -> dict:
+    """The run's test-split evaluation: the saved ``evaluate.json`` unless ``model.pt`` is newer."""
+    saved = run / "evaluate.json"
+    if saved.exists() and saved.stat().st_mtime_ns >= (run / "model.pt").stat().st_mtime_ns:
+        return json.loads(saved.read_text())
+    log.info("stage: evaluate %s", run.name)
+    return evaluate_run(run, split="test", json_path=saved, progress=progress)
 
 
 def _analyse(out: Path, progress: bool) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["analysis_report", "build_report", "render_analysis", "report", "report_sections", "write_plots"]
+__all__ = ["analysis_report", "build_report", "data_uri", "render_analysis", "report", "report_sections", "write_plots"]
 
 _SUMMARY_ROWS = [
     ("num_filters", "filters"),
@@ -153,13 +153,14 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
-def _data_uri(path: Path) -> str:
+def data_uri(path: Path) -> str:
+    """The image file as a ``data:`` URI, so that a page embeds it and fetches nothing."""
     mime = "image/jpeg" if path.suffix.lower() in (".jpg", ".jpeg") else "image/png"
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def _img(path: Path, alt: str, cls: str = "plot") -> str:
-    return f'<img class="{cls}" alt="{html.escape(alt)}" src="{_data_uri(path)}">'
+    return f'<img class="{cls}" alt="{html.escape(alt)}" src="{data_uri(path)}">'
 
 
 def _fmt(v: Any) -> str:

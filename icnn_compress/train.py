@@ -32,6 +32,7 @@ from .checkpoint import (
     load_state_dict_checked,
     read_state_dict,
     save_model_file,
+    trim_jsonl,
 )
 from .config import Recipe, recipe_to_dict, recipe_to_toml
 from .data.cub import CubDataset
@@ -392,13 +393,37 @@ def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids, output_device=device.index if ids else None)
 
 
-def pretrain(recipe: Recipe, out: str | Path, *, progress: bool = True) -> Path:
+def _check_resume(run: RunDir, resume: bool, what: str) -> None:
+    """Refuse to overwrite a run's ``last.pt`` without ``resume``, and to resume without one."""
+    if run.last_path.exists() and not resume:
+        raise TrainingError(f"{run.path} holds an unfinished or finished {what} (last.pt); pass --resume to "
+                            "continue it or choose another --out")
+    if resume and not run.last_path.exists():
+        raise TrainingError(f"--resume: {run.path} has no last.pt to resume from")
+
+
+def _resume(run: RunDir, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+            stage: str) -> dict:
+    """Load ``last.pt`` into the model, optimiser and generators; drop the metrics of epochs it does not hold."""
+    state = torch.load(run.last_path, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    _set_rng_states(state)
+    if is_main():
+        trim_jsonl(run.metrics_path, stage, state["epoch"])
+    log.info("resuming %s from epoch %d", run.path, state["epoch"] + 1)
+    return state
+
+
+def pretrain(recipe: Recipe, out: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
     """Train the recipe's plain architecture (no masks) with ``[pretrain]``; write ``model.pth`` (a state_dict).
 
-    This makes the quickstart's "existing checkpoint", the way a user's own training would.
+    This makes the quickstart's "existing checkpoint", the way a user's own training would. Like
+    :func:`finetune`, it keeps ``last.pt`` after each complete epoch; ``resume=True`` continues from it.
     """
-    setup = _setup(recipe, progress)
     run = RunDir(Path(out))
+    _check_resume(run, resume, "plain training")
+    setup = _setup(recipe, progress)
     if is_main():
         run.ensure()
     p = recipe.pretrain
@@ -406,7 +431,8 @@ def pretrain(recipe: Recipe, out: str | Path, *, progress: bool = True) -> Path:
                                       weights=recipe.model.weights), setup)
     runner = _wrap_ddp(model, setup.device)
     optimizer = make_optimizer(model, p.optimizer, p.lr, recipe.train.momentum, recipe.train.weight_decay)
-    for epoch in range(1, p.epochs + 1):
+    start = _resume(run, model, optimizer, setup.device, "pretrain")["epoch"] + 1 if resume else 1
+    for epoch in range(start, p.epochs + 1):
         train_data, test_data = setup.loaders(recipe.train.seed + epoch)
         stats = _train_epoch(runner, None, optimizer, train_data, setup, epoch=epoch, epochs=p.epochs, kappa=0.0,
                              lr=(p.lr, p.lr_end, "cosine", p.epochs), desc=f"pretrain {epoch}/{p.epochs}")
@@ -415,6 +441,8 @@ def pretrain(recipe: Recipe, out: str | Path, *, progress: bool = True) -> Path:
         if is_main():
             append_jsonl(run.metrics_path, {"stage": "pretrain", **stats})
             log.info("pretrain epoch %d: %s", epoch, stats)
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                         **_rng_states(setup.device)}, run.last_path)
     path = run.path / "model.pth"
     if is_main():
         atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
@@ -459,11 +487,7 @@ def finetune(
     if arm not in ARMS:
         raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
     run = RunDir(Path(out))
-    if run.last_path.exists() and not resume:
-        raise TrainingError(f"{run.path} holds an unfinished or finished run (last.pt); pass --resume to "
-                            "continue it or choose another --out")
-    if resume and not run.last_path.exists():
-        raise TrainingError(f"--resume: {run.path} has no last.pt to resume from")
+    _check_resume(run, resume, "run")
     setup = _setup(recipe, progress)
     # Under torchrun only rank 0 writes (run directory, metrics, checkpoints); every rank reads last.pt.
     main = is_main()
@@ -482,13 +506,11 @@ def finetune(
     start = 1
     kappa0: float
     calibration: dict | None = None
+    record: dict = {}
     if resume:
-        state = torch.load(run.last_path, map_location=setup.device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = _resume(run, model, optimizer, setup.device, "finetune")
         start, kappa0, calibration = state["epoch"] + 1, state["kappa"], state.get("calibration")
-        _set_rng_states(state)
-        log.info("resuming %s from epoch %d", run.path, start)
+        record = state.get("record", {})  # what model.pt keeps as "final" when every epoch had finished
     elif arm != "icnn":
         kappa0 = 0.0
     elif recipe.icnn.kappa == "auto":
@@ -516,7 +538,6 @@ def finetune(
                                    channels_last=setup.channels_last)
         guard.last = {**(initial or {}), "layers": {n: {"dead": d} for n, d in dead.items()}}
     good = _snapshot(model, optimizer)
-    record: dict = {}
     epoch = start
     with _compiled(_wrap_ddp(model, setup.device), t.compile) as runner:
         while epoch <= t.epochs:
@@ -565,7 +586,7 @@ def finetune(
                 log.info("epoch %d: loss %.4f acc %.2f val %.2f", epoch, stats["train_loss"], stats["train_acc"],
                          val_acc)
                 atomic_save({"model": good[0], "optimizer": good[1], "epoch": epoch, "kappa": kappa0,
-                             "calibration": calibration, **_rng_states(setup.device)}, run.last_path)
+                             "calibration": calibration, "record": record, **_rng_states(setup.device)}, run.last_path)
             epoch += 1
     guard.final_check(record)
     if not main:

@@ -28,6 +28,7 @@ from icnn_compress.checkpoint import (
     load_torchvision_weights,
     read_state_dict,
     save_model_file,
+    trim_jsonl,
 )
 from icnn_compress.errors import CheckpointError
 
@@ -87,6 +88,20 @@ def test_atomic_write_text_and_jsonl(tmp_path: Path) -> None:
     lines = (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "r.toml"]
+
+
+def test_trim_jsonl_keeps_the_epochs_a_checkpoint_holds(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    trim_jsonl(path, "finetune", 1)  # no file yet: nothing to do, nothing made
+    assert not path.exists()
+    records = [{"stage": "pretrain", "epoch": 3}, {"stage": "finetune", "epoch": 1},
+               {"stage": "finetune", "epoch": 2, "collapse": "x"}, {"stage": "finetune", "epoch": 2},
+               {"stage": "finetune", "epoch": 3}]
+    for record in records:
+        append_jsonl(path, record)
+    trim_jsonl(path, "finetune", 2)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == records[:4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 
 # --- torchvision weights -----------------------------------------------------------------------------------

@@ -355,10 +355,10 @@ def test_compare_run_writes_json_table_figure_and_a_self_contained_html_section(
     assert saved["models"]["icnn"]["explainers"]["gradcam"] == result["models"]["icnn"]["explainers"]["gradcam"]
     table = (out / "compare.md").read_text()
     assert table.count("\n| icnn |") == 3 and table.count("\n| baseline |") == 3
-    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "compare.jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # a JPEG
     section = compare_html_section(out)
     assert section.startswith("<section") and section.rstrip().endswith("</section>")
-    assert "data:image/png;base64," in section and "<table>" in section
+    assert "data:image/jpeg;base64," in section and "<table>" in section
     assert 'src="' not in section.replace('src="data:', "")  # nothing to fetch: self-contained
     assert format_compare_table(result) == result["table"]
     with pytest.raises(FileNotFoundError, match="icnn compare"):

@@ -57,6 +57,7 @@ def _forbid(monkeypatch, module, name: str) -> None:
 _STAGES = [
     (icnn_compress.pipeline, "pretrain"),
     (icnn_compress.pipeline, "finetune"),
+    (icnn_compress.pipeline, "evaluate_run"),
     (icnn_compress.analyze, "analyze_run"),
     (icnn_compress.compare, "compare_run"),
     (icnn_compress.prune, "prune_run"),
@@ -95,7 +96,7 @@ def test_pipeline_end_to_end_resumes_after_an_interrupt_and_skips_finished_stage
         m.setattr(icnn_compress.compare, "compare_run", _interrupt)
         code, stdout, stderr = _pipeline(capsys, tiny_parts, out)
     assert code == 130 and "same command (pipeline)" in stderr and stdout == ""
-    assert calls == ["pretrain", "finetune", "finetune", "finetune", "analyze_run", "analyze_run"]
+    assert calls == ["pretrain", *["finetune", "evaluate_run"] * 3, "analyze_run", "analyze_run"]
     assert (out / "plain" / "model.pth").is_file()
     assert all((out / arm / "model.pt").is_file() for arm in ARMS)
     assert not (out / "summary.json").exists() and not (out / "pruned").exists()
@@ -103,7 +104,7 @@ def test_pipeline_end_to_end_resumes_after_an_interrupt_and_skips_finished_stage
     # 2. The same command resumes: finished stages are not redone, the rest runs.
     calls, code, stdout, stderr = _spied_pipeline(monkeypatch, capsys, tiny_parts, out)
     assert code == 0, stderr
-    assert calls == ["compare_run", "prune_run", "export_onnx"]
+    assert calls == ["compare_run", "prune_run", "export_onnx", "evaluate_run"]
 
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary) == ROWS
@@ -154,7 +155,7 @@ def test_pipeline_end_to_end_resumes_after_an_interrupt_and_skips_finished_stage
     # report.html embeds every plot, gallery and the comparison figure, and links to nothing outside itself
     page = (out / "report" / "report.html").read_text()
     on_disk = sorted(p.read_bytes() for p in out.rglob("*") if p.suffix in (".png", ".jpg"))
-    assert len(on_disk) >= 1 + 2 * 2  # compare.png, and per analysed arm at least a distribution plot and a gallery
+    assert len(on_disk) >= 1 + 2 * 2  # compare.jpg, and per analysed arm at least a distribution plot and a gallery
     assert sorted(_embedded_images(page)) == on_disk
     assert not re.findall(r'(?:src|href)="(?!data:)', page)
     assert "icnn: summary" in page and "baseline: summary" in page and 'id="compare"' in page

@@ -381,8 +381,30 @@ def test_an_interrupted_recovery_resumes(trained_run, tmp_path):
     out = tmp_path / "r"
     settings = dict(criterion="l1", target_macs=0.7, steps=4, device="cpu", progress=False)
     prune_run(trained_run, out=out, recover_epochs=1, **settings)
-    (out / "model.pt").unlink()  # as if stopped after epoch 1 of 2
+    for name in ("model.pt", "pruning.json"):  # as if stopped after epoch 1 of 2
+        (out / name).unlink()
     record = prune_run(trained_run, out=out, recover_epochs=2, resume=True, **settings)
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2] and record["accuracy_recovered"] is not None
     assert load_run_model(out)[1]["pruning"]["macs_ratio"] == record["macs_ratio"]
+
+
+def _without_time(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "seconds"}
+
+
+def test_a_run_stopped_before_its_record_is_finished_again(trained_run, tmp_path):
+    settings = dict(criterion="l1", target_macs=0.7, steps=4, device="cpu", progress=False)
+    recovered = prune_run(trained_run, out=tmp_path / "r", recover_epochs=1, **settings)
+    (tmp_path / "r" / "pruning.json").unlink()  # stopped between the recovery's model.pt and the record
+    with pytest.raises(PruningError, match="pass --resume"):
+        prune_run(trained_run, out=tmp_path / "r", recover_epochs=1, **settings)
+    again = prune_run(trained_run, out=tmp_path / "r", recover_epochs=1, resume=True, **settings)
+    assert _without_time(again) == _without_time(recovered)  # no epoch ran again: the same recovered accuracy
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert json.loads((tmp_path / "r" / "pruning.json").read_text())["accuracy_recovered"] == again["accuracy_recovered"]
+
+    saved = prune_run(trained_run, out=tmp_path / "s", recover_epochs=0, **settings)
+    (tmp_path / "s" / "pruning.json").unlink()  # stopped between model.pt and the record: done again
+    assert _without_time(prune_run(trained_run, out=tmp_path / "s", recover_epochs=0, **settings)) == \
+        _without_time(saved)

@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+import icnn_compress.train
+
 from icnn_compress.checkpoint import atomic_save, load_model_file
 from icnn_compress.errors import CheckpointError, TrainingError
 from icnn_compress.evaluate import evaluate_run
@@ -95,6 +97,30 @@ def test_pretrain_writes_a_loadable_plain_state_dict(tiny_recipe, tmp_path):
     build_base_model("icnn_compress.zoo:small_cnn", num_classes=4).load_state_dict(state)
 
 
+def test_an_interrupted_pretrain_resumes_to_the_same_weights(tiny_recipe, tmp_path, monkeypatch):
+    recipe = tiny_recipe("pretrain.epochs=2")
+    straight = torch.load(pretrain(recipe, tmp_path / "straight", progress=False), weights_only=True)
+    real, calls = icnn_compress.train.validate, []
+
+    def stop_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(icnn_compress.train, "validate", stop_in_epoch_2)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(recipe, tmp_path / "split", progress=False)
+    assert not (tmp_path / "split" / "model.pth").exists()
+    with pytest.raises(TrainingError, match="pass --resume"):
+        pretrain(recipe, tmp_path / "split", progress=False)
+    resumed = torch.load(pretrain(recipe, tmp_path / "split", resume=True, progress=False), weights_only=True)
+    assert [r["epoch"] for r in _records(tmp_path / "split")] == [1, 2]
+    for key, value in straight.items():
+        assert torch.allclose(value.float(), resumed[key].float(), atol=1e-6), key
+
+
 def test_learning_rate_schedules():
     assert lr_at(1e-2, 1e-3, "constant", 10, 5, 0.5, 10) == 1e-2
     assert lr_at(1e-4, 1e-5, "paper", 10, 1, 0.0, 50) == pytest.approx(1e-4)
@@ -126,3 +152,17 @@ def test_a_kappa_ten_times_too_large_is_backed_off_and_the_run_ends_alive(learne
         assert layer["dead"] <= 0.1 * layer["filters"]
     assert final["val_acc"] >= auto["val_acc"] - 5.0, (seen, auto["val_acc"])
     assert auto["val_acc"] >= 65.0  # the plain model learned: the comparison means something
+
+
+def test_resume_after_the_last_epoch_saves_the_last_epochs_record(tiny_recipe, tmp_path):
+    run = tmp_path / "run"
+    first = finetune(tiny_recipe("train.epochs=1"), run, arm="icnn", progress=False)
+    _, saved = load_run_model(run)
+    (run / "model.pt").unlink()  # as if interrupted between the last last.pt and model.pt
+    with open(run / "metrics.jsonl", "a") as f:  # and a record of an epoch that last.pt does not hold
+        f.write(json.dumps({"stage": "finetune", "epoch": 2}) + "\n")
+    again = finetune(tiny_recipe("train.epochs=1"), run, arm="icnn", resume=True, progress=False)
+    assert again == first and again["epoch"] == 1 and "val_acc" in again
+    _, resaved = load_run_model(run)
+    assert resaved["final"] == saved["final"] and resaved["kappa0"] == saved["kappa0"]
+    assert [r["epoch"] for r in _records(run)] == [1]

@@ -5,7 +5,7 @@ https://arxiv.org/abs/1710.00935) and "explain the unchanged model after the fac
 https://captum.ai) need both judged on the same images: part localisation against landmarks (pointing
 game, peak-distance spread), faithfulness (deletion / insertion AUC, Captum's ``infidelity`` and
 ``sensitivity_max``), and time per image. :func:`compare_run` does it for a run and its baseline and
-writes ``compare.json``, ``compare.md`` and ``compare.png``; :func:`compare_html_section` puts them in a
+writes ``compare.json``, ``compare.md`` and ``compare.jpg``; :func:`compare_html_section` puts them in a
 report.
 """
 

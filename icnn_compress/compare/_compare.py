@@ -380,7 +380,7 @@ def compare_run(
     Args:
         run: a run directory (or its ``model.pt``), usually ``RUN/icnn``.
         out: folder for ``compare.json`` (the returned dict), ``compare.md`` (the table) and
-            ``compare.png`` (images × explainers, landmarks drawn).
+            ``compare.jpg`` (images × explainers, landmarks drawn).
         data_root: dataset folder, read whole before ``limit`` (default: the run recipe's ``data.root``, with
             its limits).
         split: ``"train"``, ``"test"`` or ``"all"``.
@@ -447,11 +447,11 @@ def compare_run(
         "settings": asdict(settings),
         "landmarks": list(dataset.landmark_names),
         "classes": list(dataset.classes),
-        "figure": "compare.png",
+        "figure": "compare.jpg",
     }
     result["table"] = format_compare_table(result)
     out.mkdir(parents=True, exist_ok=True)
-    plot_grid({k: c.examples for k, c in comparisons.items()}, out / "compare.png",
+    plot_grid({k: c.examples for k, c in comparisons.items()}, out / "compare.jpg",
               landmark_names=dataset.landmark_names, classes=dataset.classes, mean=dataset.mean,
               std=dataset.std, methods=[m for m in methods])
     atomic_write_text(out / "compare.md", result["table"] + "\n")

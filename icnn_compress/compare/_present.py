@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import os
@@ -12,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..report import data_uri
 from ._explainers import REFERENCE_EXPLAINERS
 
 __all__ = ["compare_html_section", "format_compare_table", "plot_grid"]
@@ -101,11 +101,11 @@ def plot_grid(
     methods: Sequence[str] | None = None,
     include_references: bool = False,
 ) -> Path:
-    """Draw images × explainers (per model) as a PNG: each map over its image, landmarks and the peak marked.
+    """Draw images × explainers (per model) as a JPEG: each map over its image, landmarks and the peak marked.
 
     Args:
         examples: per model, :attr:`Comparison.examples` (same images for every model, matched by index).
-        path: the PNG written.
+        path: the JPEG written.
         methods: column order (default: the maps present); references are left out unless asked.
     """
     from matplotlib.figure import Figure
@@ -163,7 +163,8 @@ def plot_grid(
     fig.subplots_adjust(left=0.04, right=0.99, top=0.93, bottom=0.6 / (1.4 * rows + 0.6), wspace=0.05, hspace=0.05)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
+    # JPEG: heat maps over images are photo-like, 5x smaller than as PNG, and report.html embeds the figure.
+    fig.savefig(tmp, format="jpeg", pil_kwargs={"quality": 85})
     os.replace(tmp, path)
     return path
 
@@ -189,11 +190,10 @@ def compare_html_section(compare_dir: str | Path) -> str:
              "<tbody>"]
     parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
     parts += ["</tbody>", "</table>", "<ul>"] + [f"<li>{esc(n)}</li>" for n in notes] + ["</ul>"]
-    png = folder / result.get("figure", "compare.png")
-    if png.is_file():
-        data = base64.b64encode(png.read_bytes()).decode("ascii")
+    figure = folder / result.get("figure", "compare.png")  # runs before the JPEG figure named a PNG
+    if figure.is_file():
         parts.append(f'<figure><img alt="images by explainers, landmarks circled, map peak marked x" '
-                     f'style="max-width:100%" src="data:image/png;base64,{data}">'
+                     f'style="max-width:100%" src="{data_uri(figure)}">'
                      "<figcaption>Rows: test images; columns: each model's explainers (map over the image, "
                      "landmarks circled, peak marked ×).</figcaption></figure>")
     parts.append("</section>")

@@ -101,16 +101,19 @@ def prune_run(
         seed: seeds torch (the ``random`` criterion, the Taylor batches' order).
         resume: continue an interrupted recovery in ``out``: the pruning is redone (deterministic for a
             given seed) and must match ``history.json``, written before the recovery; the recovery goes on
-            from ``last.pt`` (or restarts when no epoch had finished).
+            from ``last.pt`` (or restarts when no epoch had finished). ``pruning.json``, written last, marks
+            the run complete.
 
     Returns:
         The ``pruning.json`` record.
     """
     out_dir = RunDir(Path(out))
-    planned = out_dir.path / "history.json"
-    if out_dir.model_path.exists() or (out_dir.last_path.exists() and not resume):
+    planned, done = out_dir.path / "history.json", out_dir.path / "pruning.json"
+    # pruning.json is written last. Without it, a model.pt beside last.pt is a recovery stopped before its
+    # record (resumable); a lone model.pt is a save without recovery that stopped there: it is redone.
+    if done.exists() or (out_dir.last_path.exists() and not resume):
         raise PruningError(f"{out_dir.path} already holds a run; choose another --out"
-                           + ("" if out_dir.model_path.exists() else " or pass --resume to finish its recovery"))
+                           + ("" if done.exists() else " or pass --resume to finish its recovery"))
     if resume and not planned.exists():
         raise PruningError(f"--resume: {out_dir.path} has no interrupted recovery (history.json)")
     # Interrupted before the first recovery epoch ended: nothing to resume from, the recovery restarts.
@@ -160,10 +163,6 @@ def prune_run(
                          progress=progress, model=model, architecture=saved["architecture"],
                          extra={"pruning": history})
         acc_recovered = float(final["val_acc"])
-    else:
-        extra = {k: v for k, v in saved.items() if k not in _RESERVED}
-        save_model_file(out_dir.ensure().model_path, state_dict=model.state_dict(), architecture=saved["architecture"],
-                        classes=saved["classes"], extra={**extra, "pruning": history})
     record = {
         "criterion": settings.criterion,
         "target_macs": settings.target_macs,
@@ -179,5 +178,9 @@ def prune_run(
         "seconds": time.perf_counter() - began,
         "history": history,
     }
-    atomic_write_text(out_dir.path / "pruning.json", json.dumps(record, indent=1))
+    if settings.recover_epochs == 0:
+        extra = {k: v for k, v in saved.items() if k not in _RESERVED}
+        save_model_file(out_dir.ensure().model_path, state_dict=model.state_dict(), architecture=saved["architecture"],
+                        classes=saved["classes"], extra={**extra, "pruning": history})
+    atomic_write_text(done, json.dumps(record, indent=1))
     return record
