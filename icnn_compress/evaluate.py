@@ -190,7 +190,8 @@ def evaluate_run(
 
     Measures every masked layer of the model with the filter categories the model learned (the "cls"
     rule), adds what the run recorded (``arm``, ``kappa0``, dead filters per layer at the last epoch)
-    and the ``split``, and writes the result atomically to ``json_path`` when given.
+    the ``split`` and the ``data_root`` (None: the run's own data), and writes the result atomically to
+    ``json_path`` when given.
     """
     from torch.utils.data import DataLoader
 
@@ -212,7 +213,8 @@ def evaluate_run(
     for name, entry in result["layers"].items():
         if "dead" in final_layers.get(name, {}):
             entry["dead"] = final_layers[name]["dead"]
-    result.update(split=split, run=str(run), arm=saved.get("arm"), kappa0=saved.get("kappa0"))
+    result.update(split=split, data_root=None if data_root is None else str(data_root), run=str(run),
+                  arm=saved.get("arm"), kappa0=saved.get("kappa0"))
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2))
     return result

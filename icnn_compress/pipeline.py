@@ -81,10 +81,14 @@ def _prune_and_export(recipe: Recipe, out: Path, progress: bool) -> dict:
 
 
 def _evaluated(run: Path, progress: bool) -> dict:
-    """The run's test-split evaluation: the saved ``evaluate.json`` unless ``model.pt`` is newer."""
+    """The run's test-split evaluation: the saved ``evaluate.json`` unless ``model.pt`` is newer or it was made
+    on other data (``icnn evaluate --data ... --json`` into the same file)."""
     saved = run / "evaluate.json"
     if saved.exists() and saved.stat().st_mtime_ns >= (run / "model.pt").stat().st_mtime_ns:
-        return json.loads(saved.read_text())
+        result = json.loads(saved.read_text())
+        # a file from before evaluations named their data has no "data_root": evaluated again, once
+        if result.get("split") == "test" and "data_root" in result and result["data_root"] is None:
+            return result
     log.info("stage: evaluate %s", run.name)
     return evaluate_run(run, split="test", json_path=saved, progress=progress)
 

@@ -148,8 +148,10 @@ def test_a_run_reads_its_recipe_limits_but_a_given_folder_whole(tiny_recipe, tin
     model, architecture = build_for_recipe(recipe, arm="icnn", classes=list(classes), image_size=64)
     save_model_file(tmp_path / "run" / "model.pt", state_dict=model.state_dict(), architecture=architecture,
                     classes=classes, extra={"recipe": recipe_to_dict(recipe), "arm": "icnn"})
-    assert evaluate_run(tmp_path / "run", device="cpu")["num_images"] == 5
-    assert evaluate_run(tmp_path / "run", data_root=tiny_parts, device="cpu")["num_images"] == 32  # 4 × 8
+    own = evaluate_run(tmp_path / "run", device="cpu")
+    assert own["num_images"] == 5 and own["data_root"] is None
+    other = evaluate_run(tmp_path / "run", data_root=tiny_parts, device="cpu")
+    assert other["num_images"] == 32 and other["data_root"] == str(tiny_parts)  # 4 × 8
 
 
 def test_a_folder_of_other_classes_is_refused_with_a_hint(tiny_recipe, tmp_path, capsys) -> None:

@@ -170,10 +170,14 @@ def test_pipeline_end_to_end_resumes_after_an_interrupt_and_skips_finished_stage
     assert json.loads((out / "summary.json").read_text()) == summary
 
     # 4. A parity check that failed (its parity.json says so) is not a finished stage: a rerun exports again.
+    #    An evaluation made on other data (icnn evaluate --data ... --json into the same file) is done again.
     (out / "pruned" / "parity.json").write_text(json.dumps({**parity, "passed": False}))
+    evaluated = json.loads((out / "baseline" / "evaluate.json").read_text())
+    (out / "baseline" / "evaluate.json").write_text(json.dumps({**evaluated, "data_root": "elsewhere"}))
     calls, code, _, stderr = _spied_pipeline(monkeypatch, capsys, tiny_parts, out)
     assert code == 0, stderr
-    assert calls == ["export_onnx"]
+    assert calls == ["evaluate_run", "export_onnx"]
+    assert json.loads((out / "baseline" / "evaluate.json").read_text()) == evaluated
     assert json.loads((out / "pruned" / "parity.json").read_text())["passed"] is True
 
 
