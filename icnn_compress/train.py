@@ -511,6 +511,9 @@ def finetune(
         state = _resume(run, model, optimizer, setup.device, "finetune")
         start, kappa0, calibration = state["epoch"] + 1, state["kappa"], state.get("calibration")
         record = state.get("record", {})  # what model.pt keeps as "final" when every epoch had finished
+        if start > t.epochs:
+            log.info("%s had finished epoch %d of %d: writing model.pt from last.pt", run.path, state["epoch"],
+                     t.epochs)
     elif arm != "icnn":
         kappa0 = 0.0
     elif recipe.icnn.kappa == "auto":

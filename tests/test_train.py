@@ -154,14 +154,16 @@ def test_a_kappa_ten_times_too_large_is_backed_off_and_the_run_ends_alive(learne
     assert auto["val_acc"] >= 65.0  # the plain model learned: the comparison means something
 
 
-def test_resume_after_the_last_epoch_saves_the_last_epochs_record(tiny_recipe, tmp_path):
+def test_resume_after_the_last_epoch_saves_the_last_epochs_record(tiny_recipe, tmp_path, caplog):
     run = tmp_path / "run"
     first = finetune(tiny_recipe("train.epochs=1"), run, arm="icnn", progress=False)
     _, saved = load_run_model(run)
     (run / "model.pt").unlink()  # as if interrupted between the last last.pt and model.pt
     with open(run / "metrics.jsonl", "a") as f:  # and a record of an epoch that last.pt does not hold
         f.write(json.dumps({"stage": "finetune", "epoch": 2}) + "\n")
-    again = finetune(tiny_recipe("train.epochs=1"), run, arm="icnn", resume=True, progress=False)
+    with caplog.at_level("INFO", logger="icnn_compress.train"):
+        again = finetune(tiny_recipe("train.epochs=1"), run, arm="icnn", resume=True, progress=False)
+    assert "had finished epoch 1 of 1: writing model.pt from last.pt" in caplog.text
     assert again == first and again["epoch"] == 1 and "val_acc" in again
     _, resaved = load_run_model(run)
     assert resaved["final"] == saved["final"] and resaved["kappa0"] == saved["kappa0"]
