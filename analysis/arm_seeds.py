@@ -173,7 +173,7 @@ def main() -> None:
     ensure_dataset(recipe.data)  # once, before runs that would each generate it at the same time
     data = args.data
     if data is None and recipe.data.generate == "fashion-canvas":
-        data = heldout_split(Path("runs/data/fashion-canvas-heldout-4000-s1"), test_count=4000, seed=1)
+        data = heldout_split()
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
     with cf.ThreadPoolExecutor(args.workers) as pool:
         cells = list(pool.map(lambda job: run_cell(args.recipe, args.out, *job, args.set, data), jobs))

@@ -21,8 +21,12 @@ from icnn_compress.data.fashion import generate_fashion_canvas
 from icnn_compress.evaluate import evaluate_run
 
 
-def heldout_split(out: Path, *, test_count: int, seed: int) -> Path:
-    """The held-out fashion-canvas folder (generated once; the files are byte-identical per arguments)."""
+def heldout_split(out: Path | None = None, *, test_count: int = 4000, seed: int = 1) -> Path:
+    """The held-out fashion-canvas folder (generated once; the files are byte-identical per arguments).
+
+    ``out`` defaults to ``runs/data/fashion-canvas-heldout-<test_count>-s<seed>``, the folder every study shares.
+    """
+    out = out or Path(f"runs/data/fashion-canvas-heldout-{test_count}-s{seed}")
     if not (out / "generated.json").is_file():
         generate_fashion_canvas(out, seed=seed, train_count=0, test_count=test_count)
     return out
@@ -37,8 +41,7 @@ def main() -> None:
                         help="folder of the held-out split (default: runs/data/fashion-canvas-heldout-N-sSEED)")
     parser.add_argument("--json", type=Path, default=None, help="write every result here")
     args = parser.parse_args()
-    data = heldout_split(args.data or Path(f"runs/data/fashion-canvas-heldout-{args.test_count}-s{args.seed}"),
-                         test_count=args.test_count, seed=args.seed)
+    data = heldout_split(args.data, test_count=args.test_count, seed=args.seed)
     results = [evaluate_run(run, data_root=data, progress=True) for run in args.runs]
     ref = results[0]
     print(f"\nheld-out fashion-canvas test split: {data} ({ref['num_images']} images)")

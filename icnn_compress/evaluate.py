@@ -189,7 +189,7 @@ def evaluate_run(
     """Evaluate a run directory's ``model.pt`` on a split of its dataset (or ``data_root``).
 
     Measures every masked layer of the model with the filter categories the model learned (the "cls"
-    rule), adds what the run recorded (``arm``, ``kappa0``, dead filters per layer at the last epoch)
+    rule), adds what the run recorded (``arm``, ``kappa0``, dead filters per layer at the last epoch),
     the ``split`` and the ``data_root`` (None: the run's own data), and writes the result atomically to
     ``json_path`` when given.
     """

@@ -402,7 +402,8 @@ def test_a_run_stopped_before_its_record_is_finished_again(trained_run, tmp_path
     again = prune_run(trained_run, out=tmp_path / "r", recover_epochs=1, resume=True, **settings)
     assert _without_time(again) == _without_time(recovered)  # no epoch ran again: the same recovered accuracy
     assert [json.loads(line)["epoch"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [1]
-    assert json.loads((tmp_path / "r" / "pruning.json").read_text())["accuracy_recovered"] == again["accuracy_recovered"]
+    written = json.loads((tmp_path / "r" / "pruning.json").read_text())
+    assert written["accuracy_recovered"] == again["accuracy_recovered"]
 
     saved = prune_run(trained_run, out=tmp_path / "s", recover_epochs=0, **settings)
     (tmp_path / "s" / "pruning.json").unlink()  # stopped between model.pt and the record: done again
