@@ -93,7 +93,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from icnn_compress.distributed import gather_objects, init_distributed, is_distributed, is_main, shard_indices
-from icnn_compress.metrics import category_histogram, landmark_histogram, location_instability
+from icnn_compress.metrics import (
+    category_histogram,
+    landmark_histogram,
+    location_instability,
+    min_instability_classes,
+)
+from icnn_compress.protocol import class_rule_for, measure_points, read_map
 from icnn_compress.receptive_field import LayerGeometry, layer_geometry
 from icnn_compress.threads import cpu_threads
 
@@ -482,6 +488,8 @@ def analyze(
     estimate_stride: int = 4,
     stats_threads: int | None = 1,
     amp: bool = False,
+    protocol: str = "official",
+    architecture: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Return the per-filter analysis of ``layers`` over one pass of ``loader`` (see the module docstring).
@@ -493,7 +501,8 @@ def analyze(
         layers: module names; default: every ``InterpretableMask`` of the model (a baseline's masks pass
             the raw maps through, so ICNN and baseline are measured at the same place).
         filter_category: per layer ``(D,)`` long categories (the masks' ``.category``); missing layers
-            use the class with the largest mean peak.
+            use the class with the largest mean peak (the released code's rule), or under the ``paper``
+            protocol the class with the smallest instability.
         classes: class names indexed by label. landmark_names: names indexed like ``landmarks``.
         image_size: ``S`` of the square inputs (geometry and the instability's diagonal ``S·√2``).
         device: where the forward pass and the statistics live.
@@ -514,6 +523,9 @@ def analyze(
             (larger ops: the instability of N × D peaks) keeps the current setting.
         amp: on CUDA, run the forward pass under bf16 autocast, as training and validation do
             (``train.amp``); the statistics stay float32/float64 (autocast is off inside the hooks).
+        protocol, architecture: where each mask layer's maps are read (:mod:`icnn_compress.protocol`;
+            ``official``: before the mask, the new conv's raw output) and the run's architecture record
+            that names the new conv. Results stay keyed by the layer names.
         progress: show a tqdm bar.
 
     Returns:
@@ -534,7 +546,8 @@ def analyze(
         if name not in modules:
             raise ValueError(f"model has no module named {name!r}; pass names from model.named_modules()")
     filter_category = dict(filter_category or {})
-    geometry = {name: layer_geometry(model, name, image_size=image_size) for name in layers}
+    points = measure_points(model, layers, protocol, architecture=architecture)
+    geometry = {name: layer_geometry(model, p.module, image_size=image_size) for name, p in points.items()}
     analyzers = {
         name: _LayerAnalyzer(num_classes=len(classes), silent_threshold=silent_threshold, top_k=top_k,
                              quantile=part_quantile, quantile_bins=quantile_bins, mis_bins=mis_bins,
@@ -544,18 +557,19 @@ def analyze(
     current: dict[str, Any] = {}
 
     def hook_for(name: str):
-        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-            if not isinstance(output, Tensor) or output.dim() != 4:
-                shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-                raise ValueError(f"layer {name!r} outputs {shape}, not a (B, D, h, w) map")
-            with torch.autocast(output.device.type, enabled=False), \
-                    cpu_threads(stats_threads if output.device.type == "cpu" else None):
-                analyzers[name].update(output, current["labels"], current["index"], current["part_masks"])
+        point = points[name]
+
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            x = read_map(point, module, inputs, output)
+            with torch.autocast(x.device.type, enabled=False), \
+                    cpu_threads(stats_threads if x.device.type == "cpu" else None):
+                analyzers[name].update(x, current["labels"], current["index"], current["part_masks"])
         return hook
 
-    for name in layers:
-        analyzers[name].nonnegative = isinstance(modules[name], (InterpretableMask, nn.ReLU))
-    handles = [modules[name].register_forward_hook(hook_for(name)) for name in layers]
+    for name, point in points.items():
+        # A mask's input and output are post-ReLU maps; the new conv's raw output is not.
+        analyzers[name].nonnegative = isinstance(modules[point.module], (InterpretableMask, nn.ReLU))
+    handles = [modules[points[name].module].register_forward_hook(hook_for(name)) for name in layers]
     was_training = model.training
     model.to(device).eval()
     labels_all, landmarks_all, visible_all = [], [], []
@@ -600,7 +614,8 @@ def analyze(
     settings = dict(silent_threshold=silent_threshold, silent_fraction=silent_fraction,
                     redundancy_threshold=redundancy_threshold, top_k=top_k, instability_top_k=instability_top_k,
                     part_quantile=part_quantile, iou_threshold=iou_threshold, quantile_bins=quantile_bins,
-                    mis_bins=mis_bins, estimate_stride=estimate_stride)
+                    mis_bins=mis_bins, estimate_stride=estimate_stride, protocol=protocol,
+                    measured_at={name: p.describe() for name, p in points.items()})
     summary: dict[str, Any] = {
         "num_images": int(label.numel()), "accuracy": 100.0 * correct / label.numel(),
         "classes": list(classes), "landmark_names": list(landmark_names), "image_size": image_size,
@@ -673,6 +688,15 @@ def _finish_layer(name: str, an: _LayerAnalyzer, geometry: LayerGeometry, *, cat
     silent = rate < settings["silent_fraction"]
     class_mean = st["class_peak_sum"] / st["class_count"].clamp(min=1)[:, None]  # (C, D)
     class_mean = torch.where(st["class_count"][:, None] > 0, class_mean, torch.zeros_like(class_mean))
+    drop = settings["protocol"] == "official"
+    peak_xy = None
+    if landmarks is not None and len(landmark_names):
+        cell = torch.cat(an.cells)  # (N, D)
+        peak_xy = geometry.cell_centres(torch.stack((cell // w, cell % w), dim=-1).double())
+    if category is None and settings["protocol"] == "paper" and peak_xy is not None:
+        category = min_instability_classes(torch.cat(an.peaks).double(), peak_xy, landmarks, visible, label,
+                                           num_classes=len(classes), image_diagonal=image_size * math.sqrt(2.0),
+                                           top_k=settings["instability_top_k"])
     if category is None:
         category = class_mean.argmax(0)
     if category.shape != (d,):
@@ -706,13 +730,11 @@ def _finish_layer(name: str, an: _LayerAnalyzer, geometry: LayerGeometry, *, cat
     inst_fk = torch.full((d, len(landmark_names)), nan, dtype=torch.float64)
     tracked = torch.full((d,), -1, dtype=torch.long)
     inst_mean = None
-    if landmarks is not None and len(landmark_names):
-        cell = torch.cat(an.cells)  # (N, D)
-        idx = torch.stack((cell // w, cell % w), dim=-1)
-        xy = geometry.cell_centres(idx.double())
-        measured = location_instability(torch.cat(an.peaks).double(), xy, landmarks, visible,
+    if peak_xy is not None:
+        measured = location_instability(torch.cat(an.peaks).double(), peak_xy, landmarks, visible,
                                         image_diagonal=image_size * math.sqrt(2.0),
-                                        top_k=settings["instability_top_k"], filter_category=category, labels=label)
+                                        top_k=settings["instability_top_k"], filter_category=category, labels=label,
+                                        drop_sparse=drop)
         inst_f, inst_fk, tracked = measured.per_filter, measured.per_filter_landmark, measured.tracked_landmark
         inst_mean = _finite(measured.mean)
 
@@ -951,10 +973,14 @@ def analyze_run(
     batch_size: int | None = None,
     seed: int = 0,
     gallery: bool = True,
+    protocol: str | None = None,
     progress: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Analyse a run directory's ``model.pt`` on a split of its dataset; write the outputs into ``out``.
+
+    ``protocol`` (None: the recipe's ``eval.protocol``) says where each mask layer is read and which class
+    each filter is measured for, as in ``icnn evaluate``.
 
     Writes ``analysis.json``, ``filters.csv``, ``matrices.pt`` and (``gallery``) ``gallery/<layer>.jpg``.
     Plots and ``report.html`` are the report stage's (:func:`icnn_compress.report.render_analysis`).
@@ -970,11 +996,13 @@ def analyze_run(
     dev = init_distributed(resolve_device(str(device)))  # under torchrun: join the group, cuda:LOCAL_RANK
     model, saved, recipe, dataset = open_run(run, data_root=data_root, split=split, device=dev, progress=progress)
     layers = list(layers) if layers else list(saved["architecture"]["masks"])
+    protocol = protocol or recipe.eval.protocol
     categories = {}
-    for name in layers:
-        m = model.get_submodule(name)
-        if isinstance(m, InterpretableMask):
-            categories[name] = m.category
+    if class_rule_for(protocol) == "learned":
+        for name in layers:
+            m = model.get_submodule(name)
+            if isinstance(m, InterpretableMask):
+                categories[name] = m.category
     if is_distributed():
         # Each rank takes every world-th image of the same seeded order (no padding: each image once);
         # analyze() merges the ranks' statistics at the end.
@@ -990,7 +1018,8 @@ def analyze_run(
     options.setdefault("amp", recipe.train.amp)
     result = analyze(model, loader, layers=layers, filter_category=categories, classes=dataset.classes,
                      landmark_names=dataset.landmark_names, image_size=dataset.image_size, device=dev,
-                     progress=progress and is_main(), **options)
+                     protocol=protocol, architecture=saved["architecture"], progress=progress and is_main(),
+                     **options)
     result["summary"].update(run=str(run), arm=saved.get("arm"), split=split)
     if is_main():  # every rank holds the same result; one writes it
         write_analysis(result, out)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import ICNNError
+from .protocol import PROTOCOLS
 
 __all__ = ["main"]
 
@@ -56,9 +57,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
 
-    result = evaluate_run(args.run, data_root=args.data, split=args.split, json_path=args.json,
-                          progress=not args.quiet)
-    print(json.dumps({k: result[k] for k in ("accuracy", "location_instability", "split", "num_images")}))
+    result = evaluate_run(args.run, data_root=args.data, split=args.split, protocol=args.protocol,
+                          json_path=args.json, progress=not args.quiet)
+    print(json.dumps({k: result[k] for k in ("accuracy", "location_instability", "protocol", "split",
+                                             "num_images")}))
     return 0
 
 
@@ -180,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.add_argument("--data", type=Path, default=None,
                    help="dataset folder, read whole (default: the run's data.root, with the recipe's limits)")
-    p.add_argument("--split", default="test", choices=["train", "test", "all"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--protocol", default=None, choices=list(PROTOCOLS),
+                   help="where filters are measured (default: the recipe's eval.protocol, 'official')")
     p.add_argument("--json", type=Path, default=None, help="write the full result here")
     p.set_defaults(func=_cmd_evaluate)
 

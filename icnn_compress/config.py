@@ -23,6 +23,7 @@ from icnn_compress.errors import RecipeError
 
 __all__ = [
     "DataConfig",
+    "EvalConfig",
     "ICNNConfig",
     "ModelConfig",
     "PretrainConfig",
@@ -96,6 +97,13 @@ class DataConfig:
     limit_test: int | None = _at_least(1, None)
     generate: str | None = _choices("parts", "fashion-canvas", default=None)  # build the dataset when missing
     generate_seed: int = 0
+    # the part names location instability averages over (None: every part of parts/parts.txt)
+    landmarks: list[str] | None = None
+    # the validation split, carved per class from the training split with `val_seed`: what training reads
+    # to choose (collapse guard, kappa correction, per-epoch accuracy); the test split is read only by
+    # `icnn evaluate` and the numbers reported
+    val_fraction: float = _within(0.0, 1.0, 0.1, open_high=True)
+    val_seed: int = 0
 
 
 @dataclass
@@ -142,9 +150,17 @@ class ICNNConfig:
     a: float = 0.5
     guard: bool = False
     category_momentum: float = 0.9
-    beta_rate: float = 0.05
     pilot_batches: int = _at_least(0, 8)
     collapse_guard: bool = True
+    # the learned beta moves as the released code moves it (InterpretableMask.update_beta): raw strengths,
+    # target 3 without positive images, a pseudo-gradient -beta_grad * (target - beta) through momentum
+    # SGD (train.momentum) at beta_lr x the learning rate, no weight decay
+    beta_lr: float = _at_least(0.0, 0.05)
+    beta_grad: float = _at_least(0.0, 1e4)
+    # "single-category": the paper's main setting, `object` against all other images as negatives, every
+    # filter the object's, a two-way (object / other) head
+    task: str = _choices("multi-category", "single-category", default="multi-category")
+    object: str | None = None
 
 
 @dataclass
@@ -160,6 +176,16 @@ class PruneConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How interpretability is measured (``icnn evaluate``, the analysis, the comparison)."""
+
+    # where each filter's map is read and which class it is measured for (icnn_compress.protocol)
+    # the names of icnn_compress.protocol.PROTOCOLS (not imported: this module stays free of torch)
+    protocol: str = _choices("official", "paper", "masked-output", default="official")
+    top_k: int = _at_least(1, 100)  # images per (filter, landmark), the paper's 100
+
+
+@dataclass
 class Recipe:
     """A whole recipe: one field per TOML section."""
 
@@ -169,6 +195,7 @@ class Recipe:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     icnn: ICNNConfig = field(default_factory=ICNNConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -289,7 +316,15 @@ def recipe_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> Recipe:
         d: sections as tables; a missing section or key keeps its default.
         source: named in error messages (the file path, or ``--set`` for overrides).
     """
-    return _from_dict(Recipe, d, prefix="", source=source)
+    recipe = _from_dict(Recipe, d, prefix="", source=source)
+    icnn = recipe.icnn
+    if icnn.task == "single-category" and not icnn.object:
+        raise RecipeError(f"{source}: icnn.task = 'single-category' needs icnn.object, the class that is the "
+                          "object (e.g. --set icnn.object=bird)")
+    if icnn.task != "single-category" and icnn.object:
+        raise RecipeError(f"{source}: icnn.object is set but icnn.task is {icnn.task!r}; "
+                          "set icnn.task = 'single-category' or remove icnn.object")
+    return recipe
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

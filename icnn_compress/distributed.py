@@ -7,7 +7,7 @@ no-op, so nothing here costs a single-process user anything.
 What is kept identical across ranks (see README "Distributed"):
 
 * the mask state: ``class_peak`` (mean over the ranks that have seen the class), ``class_seen``
-  (logical or) and ``beta`` (mean), all-reduced after every training batch by
+  (logical or), ``beta`` and its momentum ``beta_velocity`` (mean), all-reduced after every training batch by
   :func:`all_reduce_mask_state`;
 * the analysis running sums, combined with :func:`icnn_compress.analyze.merge_states` by
   :func:`gather_objects`.
@@ -151,7 +151,7 @@ def all_reduce_mask_state(model: nn.Module) -> None:
     parts = []
     for m in masks:
         seen = m.class_seen.float()  # (C,)
-        parts += [(m.class_peak.float() * seen[:, None]).flatten(), seen, m.beta.float()]
+        parts += [(m.class_peak.float() * seen[:, None]).flatten(), seen, m.beta.float(), m.beta_velocity.float()]
     flat = torch.cat(parts)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     world = float(dist.get_world_size())
@@ -164,11 +164,14 @@ def all_reduce_mask_state(model: nn.Module) -> None:
         offset += c
         beta_sum = flat[offset:offset + d]
         offset += d
+        velocity_sum = flat[offset:offset + d]
+        offset += d
         seen = seen_count > 0
         mean_peak = peak_sum / seen_count.clamp(min=1)[:, None]
         m.class_peak.copy_(torch.where(seen[:, None], mean_peak, m.class_peak).to(m.class_peak.dtype))
         m.class_seen.copy_(seen)
         m.beta.copy_((beta_sum / world).to(m.beta.dtype))
+        m.beta_velocity.copy_((velocity_sum / world).to(m.beta_velocity.dtype))
 
 
 def all_reduce_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -21,9 +21,11 @@ from icnn_compress.metrics import (
     category_histogram,
     landmark_histogram,
     location_instability,
+    min_instability_classes,
     oracle_reference,
     random_peak_reference,
 )
+from icnn_compress.protocol import fixed_classes, measure_points, read_map, released_classes
 from icnn_compress.receptive_field import LayerGeometry, layer_geometry
 
 __all__ = ["evaluate"]
@@ -38,39 +40,52 @@ def evaluate(
     classes: Sequence[str],
     landmark_names: Sequence[str],
     image_size: int,
+    protocol: str = "official",
+    class_rule: str | None = None,
+    architecture: Mapping[str, Any] | None = None,
+    single_category: int | None = None,
     device: str | torch.device = "cpu",
     top_k: int = 100,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Return accuracy and, for each layer in ``layers``, the location instability, as a JSON-ready dict.
 
-    One pass over ``loader`` in eval mode under ``torch.inference_mode``. Forward hooks on the named
-    modules keep, per image and filter, only the peak value (max over cells) and the centre of the peak
-    cell (argmax, first on ties) in pixels, via :func:`~icnn_compress.receptive_field.layer_geometry`:
-    memory is ``N × D`` per layer, never the maps. The model is moved to ``device``; its train/eval
-    mode is restored afterwards.
+    One pass over ``loader`` in eval mode under ``torch.inference_mode``. Forward hooks read each layer's
+    map where ``protocol`` says (:mod:`icnn_compress.protocol`: a mask's input, the new conv's raw output,
+    or the mask's output) and keep, per image and filter, only the peak value (max over cells) and the
+    centre of the peak cell (argmax, first on ties) in pixels, via
+    :func:`~icnn_compress.receptive_field.layer_geometry` of the module read: memory is ``N × D`` per
+    layer, never the maps. The model is moved to ``device``; its train/eval mode is restored afterwards.
 
     Args:
         model: the classifier; its forward returns ``(B, C)`` logits.
         loader: yields dict batches with ``image`` ``(B, 3, S, S)``, ``label`` ``(B,)``, ``landmarks``
             ``(B, K, 2)`` pixel ``(x, y)`` and ``visible`` ``(B, K)``.
-        layers: module names (``model.named_modules()``) whose ``(B, D, n, n)`` outputs are measured;
-            the first one gives the top-level ``"location_instability"``.
-        filter_category: per layer, ``(D,)`` long category of each filter (``-1``: none). When given,
-            every layer must have one, and instability uses the "cls" rule (METHOD.md section 8):
-            only images of the filter's category.
+        layers: module names (``model.named_modules()``), masks or plain ``(B, D, n, n)`` layers; the
+            first one gives the top-level ``"location_instability"``.
+        filter_category: per layer, ``(D,)`` long category of each filter (``-1``: none), used as given
+            (every layer must have one). Otherwise ``class_rule`` decides.
         classes: class names, indexed by label.
         landmark_names: landmark names, indexed like ``landmarks``.
         image_size: ``S``; the distance normaliser is the diagonal ``S·√2``.
+        protocol: one of :data:`~icnn_compress.protocol.PROTOCOLS`; ``official`` also drops a filter with
+            a landmark seen on fewer than 2 of its images (the count is ``dropped_filters``).
+        class_rule: ``"released"`` (largest mean peak), ``"paper"`` (smallest instability) or ``None``
+            (no class: every image counts), when ``filter_category`` is not given.
+        architecture: the run's architecture record, which names the new conv (see
+            :func:`~icnn_compress.protocol.measure_points`).
+        single_category: the object's label in a single-category task: every filter is the object's and
+            is measured on the object's images.
         device: where the forward pass runs.
         top_k: images per (filter, landmark), 100 in the paper.
         progress: show a tqdm bar.
 
     Returns:
-        ``{"accuracy", "location_instability", "num_images", "layers": {name: {"location_instability",
-        "random_reference", "oracle_reference", "num_filters", "landmark_tracking", "category_histogram"
-        (with filter_category), "per_filter", "geometry"}}}``. Undefined values (NaN: e.g. no visible
-        landmark) are ``None`` so that the dict is strict JSON.
+        ``{"accuracy", "location_instability", "num_images", "protocol", "landmarks", "layers": {name:
+        {"location_instability", "random_reference", "oracle_reference", "num_filters", "dropped_filters",
+        "measured_at", "class_rule", "landmark_tracking", "category_histogram" and "filter_category" (with
+        classes), "per_filter", "geometry"}}}``. Undefined values (NaN: e.g. no visible landmark) are ``None`` so
+        that the dict is strict JSON.
     """
     if not layers:
         raise ValueError("layers is empty; pass the names of the conv layers to measure")
@@ -79,32 +94,32 @@ def evaluate(
         if missing:
             raise ValueError(f"filter_category has no entry for layers {missing}; "
                              "pass categories for every measured layer or none")
+    if class_rule not in (None, "released", "paper"):
+        raise ValueError(f"class_rule must be 'released', 'paper' or None, got {class_rule!r}")
     device = torch.device(device)
     modules = dict(model.named_modules())
-    for name in layers:
-        if name not in modules:
-            raise ValueError(f"model has no module named {name!r}; pass names from model.named_modules()")
+    points = measure_points(model, layers, protocol, architecture=architecture)
     # Measured before the collecting hooks exist (the probe clones the model without hooks anyway).
-    geometry = {name: layer_geometry(model, name, image_size=image_size) for name in layers}
+    geometry = {name: layer_geometry(model, p.module, image_size=image_size) for name, p in points.items()}
 
     peaks: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
     map_size: dict[str, tuple[int, int]] = {}
 
     def collector(name: str):
-        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-            if not isinstance(output, Tensor) or output.dim() != 4:
-                shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-                raise ValueError(f"layer {name!r} outputs {shape}, not a (B, D, n, n) map")
-            b, d, h, w = output.shape
+        point = points[name]
+
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            x = read_map(point, module, inputs, output)
+            b, d, h, w = x.shape
             map_size[name] = (h, w)
             # torch.max over a dim returns the first maximal index on ties (all-zero maps: cell 0).
-            value, flat = output.reshape(b, d, h * w).max(dim=-1)  # (B, D)
+            value, flat = x.reshape(b, d, h * w).max(dim=-1)  # (B, D)
             idx = torch.stack((flat // w, flat % w), dim=-1)  # (B, D, 2) as (row, col)
             xy = geometry[name].cell_centres(idx.float())  # (B, D, 2) as (x, y)
             peaks[name].append((value.float().cpu(), xy.cpu()))
         return hook
 
-    handles = [modules[name].register_forward_hook(collector(name)) for name in layers]
+    handles = [modules[points[name].module].register_forward_hook(collector(name)) for name in layers]
     was_training = model.training
     model.to(device).eval()
     preds, labels, landmarks, visible = [], [], [], []
@@ -131,6 +146,10 @@ def evaluate(
     if lm.shape[1] != len(landmark_names):
         raise ValueError(f"batches have {lm.shape[1]} landmarks but {len(landmark_names)} landmark names were given")
     diagonal = image_size * math.sqrt(2.0)
+    drop = protocol == "official"
+    rule = "given" if filter_category is not None else class_rule
+    if single_category is not None:
+        rule = "single-category"
 
     result_layers: dict[str, dict[str, Any]] = {}
     for name in layers:
@@ -138,22 +157,33 @@ def evaluate(
             raise ValueError(f"layer {name!r} is never called by the model's forward pass")
         value = torch.cat([v for v, _ in peaks[name]])  # (N, D)
         xy = torch.cat([p for _, p in peaks[name]])  # (N, D, 2)
-        categories = None if filter_category is None else torch.as_tensor(filter_category[name]).long().cpu()
+        categories = _categories(name, rule, value, xy, lm, vis, label, filter_category=filter_category,
+                                 num_classes=len(classes), single_category=single_category,
+                                 image_diagonal=diagonal, top_k=top_k, drop_sparse=drop)
         cls_labels = label if categories is not None else None
         measured = location_instability(value, xy, lm, vis, image_diagonal=diagonal, top_k=top_k,
-                                        filter_category=categories, labels=cls_labels)
+                                        filter_category=categories, labels=cls_labels, drop_sparse=drop)
+        ref_lm, ref_vis, ref_labels = lm, vis, cls_labels
+        if single_category is not None:  # the references are measured on the object's images too
+            keep = label == single_category
+            ref_lm, ref_vis, ref_labels = lm[keep], vis[keep], None
         reference = dict(geometry=geometry[name], map_size=map_size[name], image_diagonal=diagonal,
-                         top_k=top_k, labels=cls_labels)
+                         top_k=top_k, labels=ref_labels, drop_sparse=drop)
+        per_filter = measured.per_filter
         entry: dict[str, Any] = {
             "location_instability": _finite(measured.mean),
-            "random_reference": _finite(random_peak_reference(lm, vis, **reference).mean),
-            "oracle_reference": _finite(oracle_reference(lm, vis, **reference).mean),
+            "random_reference": _finite(random_peak_reference(ref_lm, ref_vis, **reference).mean),
+            "oracle_reference": _finite(oracle_reference(ref_lm, ref_vis, **reference).mean),
             "num_filters": int(value.shape[1]),
+            "dropped_filters": int(torch.isnan(per_filter).sum()),
+            "measured_at": points[name].describe(),
+            "class_rule": rule,
             "landmark_tracking": landmark_histogram(measured.tracked_landmark, landmark_names),
         }
         if categories is not None:
             entry["category_histogram"] = category_histogram(categories, classes)
-        entry["per_filter"] = [_finite(v) for v in measured.per_filter.tolist()]
+            entry["filter_category"] = [int(c) for c in categories.tolist()]
+        entry["per_filter"] = [_finite(v) for v in per_filter.tolist()]
         entry["geometry"] = _geometry_json(geometry[name], map_size[name])
         result_layers[name] = entry
 
@@ -161,8 +191,29 @@ def evaluate(
         "accuracy": _finite(accuracy(torch.cat(preds), label)),
         "location_instability": result_layers[layers[0]]["location_instability"],
         "num_images": int(label.numel()),
+        "protocol": protocol,
+        "landmarks": list(landmark_names),
         "layers": result_layers,
     }
+
+
+def _categories(
+    name: str, rule: str | None, value: Tensor, xy: Tensor, lm: Tensor, vis: Tensor, label: Tensor, *,
+    filter_category: Mapping[str, Tensor] | None, num_classes: int, single_category: int | None,
+    image_diagonal: float, top_k: int, drop_sparse: bool,
+) -> Tensor | None:
+    """Each filter's class under ``rule``, ``(D,)`` long, or None (no class rule)."""
+    d = value.shape[1]
+    if rule == "single-category":
+        return fixed_classes(d, single_category)
+    if rule == "given":
+        return torch.as_tensor(filter_category[name]).long().cpu()
+    if rule == "released":
+        return released_classes(value, label, num_classes)
+    if rule == "paper":
+        return min_instability_classes(value, xy, lm, vis, label, num_classes=num_classes,
+                                       image_diagonal=image_diagonal, top_k=top_k, drop_sparse=drop_sparse)
+    return None
 
 
 def _finite(v: float) -> float | None:
@@ -182,39 +233,49 @@ def evaluate_run(
     *,
     data_root: str | Path | None = None,
     split: str = "test",
+    protocol: str | None = None,
     json_path: str | Path | None = None,
     device: str | torch.device = "auto",
     progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run directory's ``model.pt`` on a split of its dataset (or ``data_root``).
 
-    Measures every masked layer of the model with the filter categories the model learned (the "cls"
-    rule), adds what the run recorded (``arm``, ``kappa0``, dead filters per layer at the last epoch),
-    the ``split`` and the ``data_root`` (None: the run's own data), and writes the result atomically to
-    ``json_path`` when given.
+    Measures every masked layer of the model under ``protocol`` (None: the recipe's ``eval.protocol``,
+    ``official`` by default; :mod:`icnn_compress.protocol`), adds what the run recorded (``arm``,
+    ``kappa0``, dead filters per layer at the last epoch, the task), the ``split`` and the ``data_root``
+    (None: the run's own data), and writes the result atomically to ``json_path`` when given. A
+    single-category run is measured on the object's images, and its accuracy is the binary one.
     """
     from torch.utils.data import DataLoader
 
     from .checkpoint import atomic_write_text
-    from .mask import InterpretableMask
+    from .data.recipe import task_object
+    from .protocol import class_rule_for
     from .train import resolve_device
 
     dev = resolve_device(str(device))
     model, saved, recipe, dataset = open_run(run, data_root=data_root, split=split, device=dev, progress=progress)
+    protocol = protocol or recipe.eval.protocol
     layers = saved["architecture"]["masks"]
-    masks = {name: model.get_submodule(name) for name in layers}
-    categories = {name: m.category for name, m in masks.items() if isinstance(m, InterpretableMask)}
+    rule = class_rule_for(protocol)
+    categories = None
+    if rule == "learned":
+        categories = {name: model.get_submodule(name).category for name in layers}
+    obj = task_object(recipe.icnn)
     loader = DataLoader(dataset, batch_size=recipe.train.eval_batch_size, shuffle=False,
                         num_workers=recipe.data.num_workers)
     result = evaluate(model, loader, layers=layers, filter_category=categories, classes=dataset.classes,
-                      landmark_names=dataset.landmark_names, image_size=dataset.image_size, device=dev,
+                      landmark_names=dataset.landmark_names, image_size=dataset.image_size, protocol=protocol,
+                      class_rule=None if rule == "learned" else rule, architecture=saved["architecture"],
+                      single_category=None if obj is None else 1, device=dev, top_k=recipe.eval.top_k,
                       progress=progress)
     final_layers = (saved.get("final") or {}).get("layers", {})
     for name, entry in result["layers"].items():
         if "dead" in final_layers.get(name, {}):
             entry["dead"] = final_layers[name]["dead"]
     result.update(split=split, data_root=None if data_root is None else str(data_root), run=str(run),
-                  arm=saved.get("arm"), kappa0=saved.get("kappa0"))
+                  arm=saved.get("arm"), kappa0=saved.get("kappa0"),
+                  task={"task": recipe.icnn.task, "object": obj})
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2))
     return result
@@ -230,13 +291,14 @@ def open_run(
     as ``data_root`` is read whole (a larger held-out set is usually why it is given).
     """
     from .config import recipe_from_dict
-    from .data.recipe import open_split, relocate
+    from .data.recipe import open_split, relocate, task_object
     from .errors import DatasetError
     from .train import load_run_model
 
     model, saved = load_run_model(run, device=device)
     recipe = recipe_from_dict(saved["recipe"], source=f"{run}/model.pt")
-    dataset = open_split(relocate(recipe.data, data_root, whole=True), split, progress=progress)
+    dataset = open_split(relocate(recipe.data, data_root, whole=True), split, progress=progress,
+                         single_object=task_object(recipe.icnn))
     if list(dataset.classes) != list(saved["classes"]):
         raise DatasetError(f"the dataset's classes {list(dataset.classes)[:5]}... are not the model's "
                            f"{list(saved['classes'])[:5]}...; pass the dataset the run was trained on (--data)")

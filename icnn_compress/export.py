@@ -68,14 +68,15 @@ def _load(run_or_model: str | Path | nn.Module, data_root: str | Path | None):
     if isinstance(run_or_model, nn.Module):
         return run_or_model.cpu().eval(), None, None, None
     from .config import recipe_from_dict
-    from .data.recipe import open_split, relocate
+    from .data.recipe import open_split, relocate, task_object
     from .train import load_run_model
 
     model, saved = load_run_model(run_or_model, device="cpu")
     recipe = recipe_from_dict(saved["recipe"], source=f"{run_or_model}/model.pt")
     data = relocate(recipe.data, data_root)
-    test = open_split(data, "test", progress=False)
-    return model, saved, test, (lambda: open_split(data, "train", progress=False))
+    obj = task_object(recipe.icnn)
+    test = open_split(data, "test", progress=False, single_object=obj)
+    return model, saved, test, (lambda: open_split(data, "train", progress=False, single_object=obj))
 
 
 def _images(dataset, count: int, *, start: int = 0) -> Tensor:

@@ -251,23 +251,28 @@ class FilterLoss:
 
     @contextmanager
     def batch(
-        self, labels: Tensor, kappa: float, *, measure: bool = False, update: bool = True
+        self, labels: Tensor, kappa: float, *, lr: float = 0.0, momentum: float = 0.9, measure: bool = False,
+        update: bool = True,
     ) -> Iterator[FilterLoss]:
         """Install the per-batch hooks on every mask for one training forward/backward.
 
-        ``update=False`` leaves the filter → category statistics and β as they are (the pilot's
-        measuring pass, so that every measured batch sees the same categories).
+        ``lr`` and ``momentum`` are the step's learning rate and momentum, which move the learned β
+        (:meth:`InterpretableMask.update_beta`); ``lr = 0`` leaves β in place. ``update=False`` leaves the
+        filter → category statistics and β as they are (the pilot's measuring pass, so that every
+        measured batch sees the same categories).
         """
         self._losses = []
+        step = (lr, momentum)
         for name, mask in self.masks.items():
-            mask.hook = self._hook(name, labels, kappa, measure, update)
+            mask.hook = self._hook(name, labels, kappa, measure, update, step)
         try:
             yield self
         finally:
             for mask in self.masks.values():
                 mask.hook = None
 
-    def _hook(self, name: str, labels: Tensor, kappa: float, measure: bool, update: bool):
+    def _hook(self, name: str, labels: Tensor, kappa: float, measure: bool, update: bool,
+              step: tuple[float, float]):
         stats = self.stats[name]
 
         def hook(mask: InterpretableMask, x: Tensor, m: Tensor) -> None:
@@ -284,7 +289,7 @@ class FilterLoss:
                 self._inject(mask, stats, x, m, positive, kappa, measure)
             if update:
                 if mask.active:
-                    mask.update_beta(x, m, positive)
+                    mask.update_beta(x, m, positive, lr=step[0], momentum=step[1])
                 mask.update_categories(x, labels)
 
         return hook

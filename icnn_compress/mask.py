@@ -87,7 +87,8 @@ class InterpretableMask(nn.Module):
         active: ``False`` builds the baseline: the identical module that passes maps through unchanged
             and only tracks the filter → category statistics, so a baseline is evaluated like for like.
         category_momentum: momentum of the exponential moving average of the per-class mean peak.
-        beta_rate: step of β toward its target per training batch (the code's pseudo-gradient at its lr).
+        beta_lr: the learned β's learning-rate multiplier (the released code's 0.05).
+        beta_grad: the scale of β's pseudo-gradient ``−beta_grad·(target − β)`` (the code's 1e4).
 
     The mask is computed without gradient (µ̂ is a constant), so backward is ``x.grad = g·m·[x∘m > 0]``.
     """
@@ -101,7 +102,8 @@ class InterpretableMask(nn.Module):
         beta: str | float = "learned",
         active: bool = True,
         category_momentum: float = 0.9,
-        beta_rate: float = 0.05,
+        beta_lr: float = 0.05,
+        beta_grad: float = 1e4,
     ) -> None:
         super().__init__()
         if peak not in PEAKS:
@@ -112,8 +114,11 @@ class InterpretableMask(nn.Module):
         self.beta_mode = beta
         self.active = active
         self.category_momentum = category_momentum
-        self.beta_rate = beta_rate
+        self.beta_lr = beta_lr
+        self.beta_grad = beta_grad
         self.register_buffer("beta", torch.full((num_filters,), 2.0))
+        # β's momentum buffer: the released code moves β through its momentum SGD (update_beta).
+        self.register_buffer("beta_velocity", torch.zeros(num_filters))
         # (C, D) running per-class mean of each filter's peak activation; `class_seen` makes the first
         # observation of a class replace the zero initial value instead of being damped toward it.
         self.register_buffer("class_peak", torch.zeros(num_classes, num_filters))
@@ -193,12 +198,19 @@ class InterpretableMask(nn.Module):
         self.class_seen |= present
 
     @torch.no_grad()
-    def update_beta(self, x: Tensor, m: Tensor, positive: Tensor) -> None:
-        """Move the learned β toward clip(3/σ̄, 1.5, 3) (released code's rule), σ̄ in cell units.
+    def update_beta(self, x: Tensor, m: Tensor, positive: Tensor, *, lr: float, momentum: float = 0.9) -> None:
+        """Move the learned β toward clip(3/σ̄, 1.5, 3) as the released code does, σ̄ in cell units.
 
         σ̄_d is the strength-weighted mean spread σ = sqrt(Σ((i−î)² + (j−ĵ)²)·x_ij / Σx_ij) of filter
-        d's maps on images of its category (``positive`` (B, D) bool), strength s = mean(x ∘ m);
-        filters with no such image (or only negative strengths) this batch keep their β.
+        d's maps on images of its category (``positive`` (B, D) bool), with the raw strength
+        s = mean(x ∘ m) (negative where the map lies outside the mask); a filter with no such image
+        targets 3. β moves as a parameter whose gradient is ``−beta_grad·(target − β)``, through
+        MatConvNet's momentum SGD at ``beta_lr·lr`` with no weight decay:
+        ``v ← momentum·v − beta_lr·lr·g``, ``β ← β + v``.
+
+        Args:
+            x: the masked layer's input maps, (B, D, h, w). m: their masks.
+            positive: (B, D) bool. lr: the step's learning rate. momentum: the optimiser's momentum.
         """
         if self.beta_mode != "learned":
             return
@@ -211,13 +223,16 @@ class InterpretableMask(nn.Module):
             j[None, None, None, :] - cols[..., None, None]
         ) ** 2  # (B, D, h, w)
         mass = xf.sum(dim=(2, 3))
-        sigma = torch.sqrt((d2 * xf).sum(dim=(2, 3)) / mass.clamp(min=1e-12))  # (B, D)
-        strength = (xf * m.float()).mean(dim=(2, 3)).clamp(min=0) * positive * (mass > 0)
+        sigma = torch.sqrt((d2 * xf).sum(dim=(2, 3)) / mass.clamp(min=1e-12))  # (B, D); 0 for an all-zero map
+        strength = (xf * m.float()).mean(dim=(2, 3)) * positive  # (B, D), raw
         total = strength.sum(dim=0)  # (D,)
-        sigma_bar = (strength * sigma).sum(dim=0) / total.clamp(min=1e-12)
-        target = torch.clamp(3.0 / sigma_bar.clamp(min=1e-6), 1.5, 3.0)
-        step = torch.where(total > 0, self.beta_rate * (target - self.beta), torch.zeros_like(self.beta))
-        self.beta.add_(step)
+        # σ̄ = Σsσ / Σs; 3/σ̄ is +inf at σ̄ = 0 and negative for a negative total, both then clipped.
+        inverse = total / (strength * sigma).sum(dim=0)
+        target = torch.clamp(torch.nan_to_num(3.0 * inverse, nan=3.0), 1.5, 3.0)
+        target = torch.where(positive.any(dim=0), target, torch.full_like(target, 3.0))
+        grad = -self.beta_grad * (target - self.beta)
+        self.beta_velocity.mul_(momentum).add_(grad, alpha=-self.beta_lr * lr)
+        self.beta.add_(self.beta_velocity)
 
     def extra_repr(self) -> str:
         beta = self.beta_mode if self.beta_mode == "learned" else f"{self.beta_mode} (paper units)"

@@ -26,6 +26,7 @@ __all__ = [
     "category_histogram",
     "landmark_histogram",
     "location_instability",
+    "min_instability_classes",
     "oracle_reference",
     "random_peak_reference",
 ]
@@ -79,6 +80,7 @@ def location_instability(
     filter_category: Tensor | None = None,
     labels: Tensor | None = None,
     filter_mask: Tensor | None = None,
+    drop_sparse: bool = False,
 ) -> InstabilityResult:
     """Return the location instability of each filter against each landmark (METHOD.md section 6).
 
@@ -99,6 +101,9 @@ def location_instability(
         labels: ``(N,)`` long image labels, used only with ``filter_category``.
         filter_mask: ``(N, D)`` bool, images each filter may be measured on at all (the oracle
             reference uses it for "landmark j is visible"); ``None``: every image.
+        drop_sparse: drop a filter (``per_filter`` NaN) when any landmark was seen on fewer than 2 of its
+            images, as the released code does (a landmark visible on no image at all is ignored);
+            ``False`` averages the landmarks that have 2 or more.
     """
     n, d = _check_2d("peak_value", peak_value)
     device = peak_value.device
@@ -156,6 +161,11 @@ def location_instability(
 
     per_filter = (torch.nanmean(std, dim=1) if k
                   else torch.full((d,), float("nan"), dtype=torch.float64, device=device))
+    if drop_sparse and k:
+        # A landmark visible on no image at all is not a landmark of this data and drops nothing.
+        present = visible.any(dim=0)  # (K,)
+        enough = ((count >= 2) | ~present).all(dim=1)
+        per_filter = torch.where(enough, per_filter, float("nan"))
     mean = torch.nanmean(per_filter).item() if d else float("nan")
     scored = mean_dist.nan_to_num(nan=float("inf"))
     if k:
@@ -177,6 +187,7 @@ def random_peak_reference(
     labels: Tensor | None = None,
     num_filters: int = 128,
     seed: int = 0,
+    drop_sparse: bool = False,
 ) -> InstabilityResult:
     """Return the instability of ``num_filters`` filters that peak at a uniformly random cell (the ceiling).
 
@@ -191,6 +202,7 @@ def random_peak_reference(
         map_size: the layer's output grid ``n`` or ``(h, w)`` on the evaluated images.
         num_filters: virtual filters to average over (more: less sampling noise).
         seed: seed of the CPU generator.
+        drop_sparse: as in :func:`location_instability` (the same rule as the measured filters).
     """
     n = landmarks.shape[0]
     h, w = _pair(map_size)
@@ -206,7 +218,7 @@ def random_peak_reference(
         filter_category = classes[torch.arange(num_filters) % len(classes)].to(device)
     return location_instability(peak_value.to(device), peak_xy.to(device), landmarks, visible,
                                 image_diagonal=image_diagonal, top_k=top_k, filter_category=filter_category,
-                                labels=labels if filter_category is not None else None)
+                                labels=labels if filter_category is not None else None, drop_sparse=drop_sparse)
 
 
 def oracle_reference(
@@ -219,6 +231,7 @@ def oracle_reference(
     top_k: int = 100,
     labels: Tensor | None = None,
     seed: int = 0,
+    drop_sparse: bool = False,
 ) -> InstabilityResult:
     """Return the instability of virtual filters that always peak at the cell containing one landmark (the floor).
 
@@ -247,7 +260,36 @@ def oracle_reference(
     peak_value = torch.rand(n, copies * k, generator=gen, dtype=torch.float64).to(device)
     return location_instability(peak_value, peak_xy, landmarks, visible, image_diagonal=image_diagonal,
                                 top_k=top_k, filter_category=filter_category,
-                                labels=labels if filter_category is not None else None, filter_mask=mask)
+                                labels=labels if filter_category is not None else None, filter_mask=mask,
+                                drop_sparse=drop_sparse)
+
+
+def min_instability_classes(
+    peak_value: Tensor,
+    peak_xy: Tensor,
+    landmarks: Tensor,
+    visible: Tensor,
+    labels: Tensor,
+    *,
+    num_classes: int,
+    image_diagonal: float,
+    top_k: int = 100,
+    drop_sparse: bool = False,
+) -> Tensor:
+    """Return each filter's class by the paper's rule: the class whose images give it the lowest instability.
+
+    For every class ``c`` each filter is measured on the images of ``c`` alone (the "cls" rule with
+    category ``c``); the class with the smallest mean over landmarks wins, ties to the lower class, and a
+    filter measurable on no class gets class 0. Returns ``(D,)`` long.
+    """
+    d = peak_value.shape[1]
+    scores = torch.full((num_classes, d), float("inf"), dtype=torch.float64)
+    for c in range(num_classes):
+        res = location_instability(peak_value, peak_xy, landmarks, visible, image_diagonal=image_diagonal,
+                                   top_k=top_k, filter_category=torch.full((d,), c, dtype=torch.long),
+                                   labels=labels, drop_sparse=drop_sparse)
+        scores[c] = res.per_filter.cpu().nan_to_num(nan=float("inf"))
+    return scores.argmin(dim=0)
 
 
 def landmark_histogram(tracked: Tensor, names: Sequence[str]) -> dict[str, int]:

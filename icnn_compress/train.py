@@ -36,7 +36,7 @@ from .checkpoint import (
 )
 from .config import Recipe, recipe_to_dict, recipe_to_toml
 from .data.cub import CubDataset
-from .data.recipe import open_split
+from .data.recipe import open_split, task_object
 from .distributed import (
     all_reduce_mask_state,
     all_reduce_sum,
@@ -185,16 +185,16 @@ class _Setup:
     amp: bool
     channels_last: bool
     train_data: CubDataset
-    test_data: CubDataset
+    val_data: CubDataset  # carved from the training images: training never reads the test split
     progress: bool
 
     def loaders(self, epoch_seed: int) -> tuple[DataLoader, DataLoader]:
         r = self.recipe
         train = loader(self.train_data, batch_size=r.train.batch_size, shuffle=True, seed=epoch_seed,
                        workers=r.data.num_workers, device=self.device, distributed=True)
-        test = loader(self.test_data, batch_size=r.train.eval_batch_size, shuffle=False, seed=0,
-                      workers=r.data.num_workers, device=self.device, distributed=True)
-        return train, test
+        val = loader(self.val_data, batch_size=r.train.eval_batch_size, shuffle=False, seed=0,
+                     workers=r.data.num_workers, device=self.device, distributed=True)
+        return train, val
 
 
 def _setup(recipe: Recipe, progress: bool) -> _Setup:
@@ -205,13 +205,20 @@ def _setup(recipe: Recipe, progress: bool) -> _Setup:
     # Rank 0 first: it may generate or download the data, the others then only read it.
     if not is_main():
         barrier()
-    train_data = open_split(recipe.data, "train", progress=progress)
-    test_data = open_split(recipe.data, "test", progress=progress)
+    obj = task_object(recipe.icnn)
+    train_data = open_split(recipe.data, "train", progress=progress, single_object=obj)
+    # Everything training chooses (collapse guard, kappa correction, per-epoch accuracy) reads this split;
+    # with data.val_fraction = 0 that is the training split itself, never the test split.
+    val_data = (open_split(recipe.data, "val", progress=progress, single_object=obj)
+                if recipe.data.val_fraction > 0 else train_data)
+    if len(val_data) == 0:
+        raise TrainingError(f"the validation split of {recipe.data.root} is empty (data.val_fraction = "
+                            f"{recipe.data.val_fraction}); raise data.val_fraction")
     if is_main():
         barrier()
     cuda = device.type == "cuda"
     return _Setup(recipe, device, recipe.train.amp and cuda, recipe.train.channels_last and cuda,
-                  train_data, test_data, progress)
+                  train_data, val_data, progress)
 
 
 def build_for_recipe(recipe: Recipe, *, arm: str, classes: list[str], image_size: int) -> tuple[nn.Module, dict]:
@@ -239,7 +246,8 @@ def build_for_recipe(recipe: Recipe, *, arm: str, classes: list[str], image_size
     )
     for mask in (model.get_submodule(n) for n in layout["masks"]):
         mask.category_momentum = recipe.icnn.category_momentum
-        mask.beta_rate = recipe.icnn.beta_rate
+        mask.beta_lr = recipe.icnn.beta_lr
+        mask.beta_grad = recipe.icnn.beta_grad
     architecture = {
         "arch": m.arch, "num_classes": num_classes, "image_size": image_size,
         "variant": "baseline" if arm == "baseline" else "icnn", "new_conv": m.new_conv,
@@ -259,6 +267,12 @@ def _set_class_frequency(model: nn.Module, labels: Tensor, num_classes: int) -> 
     freq = freq / freq.sum().clamp(min=1)
     for mod in FilterLoss(model).masks.values():
         mod.class_freq.copy_(freq.clamp(min=1e-6))
+
+
+def _filter_loss(model: nn.Module, recipe: Recipe) -> FilterLoss:
+    """The recipe's filter loss; a single-category task makes every filter the object's (label 1)."""
+    single = 1 if task_object(recipe.icnn) else None
+    return FilterLoss(model, form=recipe.icnn.loss, a=recipe.icnn.a, guard=recipe.icnn.guard, single_category=single)
 
 
 def validate_filters(
@@ -332,7 +346,8 @@ def _train_epoch(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(lr[0], lr[1], lr[2], lr[3], epoch, step / steps, epochs)
         images, labels = _to(batch, device, setup.channels_last, setup.recipe.data.hflip)
-        with _maybe_filter_loss(filter_loss, labels, kappa):
+        with _maybe_filter_loss(filter_loss, labels, kappa, optimizer.param_groups[0]["lr"],
+                                setup.recipe.train.momentum):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.amp):
                 logits = model(images)
             loss = nn.functional.cross_entropy(logits.float(), labels)
@@ -370,8 +385,10 @@ def _all_finite(finite: Tensor) -> bool:
     return int(bad) == 0
 
 
-def _maybe_filter_loss(filter_loss: FilterLoss | None, labels: Tensor, kappa: float):
-    return filter_loss.batch(labels, kappa) if filter_loss is not None else contextlib.nullcontext()
+def _maybe_filter_loss(filter_loss: FilterLoss | None, labels: Tensor, kappa: float, lr: float, momentum: float):
+    if filter_loss is None:
+        return contextlib.nullcontext()
+    return filter_loss.batch(labels, kappa, lr=lr, momentum=momentum)
 
 
 def _prepare(model: nn.Module, setup: _Setup) -> nn.Module:
@@ -433,10 +450,10 @@ def pretrain(recipe: Recipe, out: str | Path, *, resume: bool = False, progress:
     optimizer = make_optimizer(model, p.optimizer, p.lr, recipe.train.momentum, recipe.train.weight_decay)
     start = _resume(run, model, optimizer, setup.device, "pretrain")["epoch"] + 1 if resume else 1
     for epoch in range(start, p.epochs + 1):
-        train_data, test_data = setup.loaders(recipe.train.seed + epoch)
+        train_data, val_data = setup.loaders(recipe.train.seed + epoch)
         stats = _train_epoch(runner, None, optimizer, train_data, setup, epoch=epoch, epochs=p.epochs, kappa=0.0,
                              lr=(p.lr, p.lr_end, "cosine", p.epochs), desc=f"pretrain {epoch}/{p.epochs}")
-        stats.update(epoch=epoch, val_acc=validate(model, test_data, setup.device, amp=setup.amp,
+        stats.update(epoch=epoch, val_acc=validate(model, val_data, setup.device, amp=setup.amp,
                                                    channels_last=setup.channels_last))
         if is_main():
             append_jsonl(run.metrics_path, {"stage": "pretrain", **stats})
@@ -457,7 +474,7 @@ def calibrate(recipe: Recipe, *, progress: bool = True) -> dict:
                                            image_size=recipe.data.image_size)
     _prepare(model, setup)
     _set_class_frequency(model, setup.train_data.labels.to(setup.device), architecture["num_classes"])
-    filter_loss = FilterLoss(model, form=recipe.icnn.loss, a=recipe.icnn.a, guard=recipe.icnn.guard)
+    filter_loss = _filter_loss(model, recipe)
     train_data, _ = setup.loaders(recipe.train.seed)
     return calibrate_kappa(model, filter_loss, train_data, setup.device, optimizer=recipe.train.optimizer,
                            batches=recipe.icnn.pilot_batches, amp=setup.amp, channels_last=setup.channels_last)
@@ -488,6 +505,7 @@ def finetune(
         raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
     run = RunDir(Path(out))
     _check_resume(run, resume, "run")
+    _check_beta_step(recipe, arm)
     setup = _setup(recipe, progress)
     # Under torchrun only rank 0 writes (run directory, metrics, checkpoints); every rank reads last.pt.
     main = is_main()
@@ -502,7 +520,7 @@ def finetune(
     _set_class_frequency(model, setup.train_data.labels.to(setup.device), architecture["num_classes"])
     t = recipe.train
     optimizer = make_optimizer(model, t.optimizer, t.lr, t.momentum, t.weight_decay)
-    filter_loss = FilterLoss(model, form=recipe.icnn.loss, a=recipe.icnn.a, guard=recipe.icnn.guard)
+    filter_loss = _filter_loss(model, recipe)
     start = 1
     kappa0: float
     calibration: dict | None = None
@@ -536,8 +554,8 @@ def finetune(
     guard = CollapseGuard(enabled=recipe.icnn.collapse_guard and arm == "icnn", initial=initial,
                           r_collapse=R_COLLAPSE[t.optimizer], r_target=R_BANDS[t.optimizer][0])
     if guard.enabled and start == 1:
-        _, test_data = setup.loaders(t.seed)
-        _, dead = validate_filters(model, test_data, setup.device, filter_loss.masks, amp=setup.amp,
+        _, val_data = setup.loaders(t.seed)
+        _, dead = validate_filters(model, val_data, setup.device, filter_loss.masks, amp=setup.amp,
                                    channels_last=setup.channels_last)
         guard.last = {**(initial or {}), "layers": {n: {"dead": d} for n, d in dead.items()}}
     good = _snapshot(model, optimizer)
@@ -545,7 +563,7 @@ def finetune(
     with _compiled(_wrap_ddp(model, setup.device), t.compile) as runner:
         while epoch <= t.epochs:
             kappa = kappa0 / epoch
-            train_data, test_data = setup.loaders(t.seed + epoch)
+            train_data, val_data = setup.loaders(t.seed + epoch)
             filter_loss.reset_stats()
             began = time.perf_counter()
             try:
@@ -561,7 +579,7 @@ def finetune(
             # The bare, eager module: under DDP each rank runs a different number of eval batches and DDP's
             # forward may hold collectives; a compiled runner would recompile for validation's recording
             # hooks, new closures every epoch.
-            val_acc, dead = validate_filters(model, test_data, setup.device,
+            val_acc, dead = validate_filters(model, val_data, setup.device,
                                              filter_loss.masks, amp=setup.amp, channels_last=setup.channels_last)
             for name, count in dead.items():
                 layers[name]["dead"] = count
@@ -608,12 +626,27 @@ def finetune(
             "choices": {"peak": recipe.icnn.peak, "beta": recipe.icnn.beta, "loss": recipe.icnn.loss,
                         "baseline": "same architecture, masks inactive, no filter loss"},
             "filter_categories": {n: m.category.tolist() for n, m in filter_loss.masks.items()},
+            "task": {"task": recipe.icnn.task, "object": task_object(recipe.icnn)},
+            "splits": {"train": len(setup.train_data), "val": len(setup.val_data) if setup.val_data is not
+                       setup.train_data else 0, "val_fraction": recipe.data.val_fraction,
+                       "val_seed": recipe.data.val_seed, "test": "read only by icnn evaluate"},
             "final": record,
             **(extra or {}),
         },
     )
     barrier()
     return record
+
+
+def _check_beta_step(recipe: Recipe, arm: str) -> None:
+    """Refuse a learned-β step that makes β's momentum update diverge (heavy ball: lr·g < 2(1 + momentum))."""
+    i, t = recipe.icnn, recipe.train
+    step = t.lr * i.beta_lr * i.beta_grad
+    if arm != "baseline" and i.beta == "learned" and step >= 2 * (1 + t.momentum):
+        raise TrainingError(
+            f"the learned beta would diverge: train.lr x icnn.beta_lr x icnn.beta_grad = {step:.3g} must stay "
+            f"under 2 x (1 + train.momentum) = {2 * (1 + t.momentum):.3g}; the released code's value is 0.05 "
+            f"(lr 1e-4): set icnn.beta_grad = {0.05 / (t.lr * i.beta_lr):.3g}")
 
 
 def _correct_kappa(calibration: dict, record: dict, kappa0: float) -> float:

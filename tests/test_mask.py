@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from icnn_compress.mask import InterpretableMask, paper_beta_to_grid, peak_cells, template_masks
@@ -60,20 +61,35 @@ def test_category_ema_first_observation_replaces_then_damps():
     assert mask.class_seen.tolist() == [False, True, True]
 
 
-def test_learned_beta_moves_toward_three_over_sigma_in_cells():
-    mask = InterpretableMask(1, num_classes=1, beta_rate=0.5)
+def test_learned_beta_moves_as_the_released_code_through_momentum_sgd():
+    mask = InterpretableMask(1, num_classes=1)  # beta 2, beta_lr 0.05, pseudo-gradient scale 1e4
     x = torch.zeros(1, 1, 5, 5)
-    x[0, 0, 2, 2] = 1.0  # a point: σ = 0 -> target clipped to 3
-    mask.update_beta(x, mask.masks_for(x), torch.tensor([[True]]))
-    assert torch.allclose(mask.beta, torch.tensor([2.5]))
-    x2 = torch.zeros(1, 1, 5, 5)
-    x2[0, 0, 2, 2] = 4.0
-    x2[0, 0, 0, 2] = x2[0, 0, 4, 2] = x2[0, 0, 2, 0] = 1.0  # three cells 2 away: σ² = 12 / 7
-    strength_positive = (x2 * mask.masks_for(x2)).mean() > 0
-    assert strength_positive
-    mask.update_beta(x2, mask.masks_for(x2), torch.tensor([[True]]))
-    target = 3 / (12 / 7) ** 0.5  # 2.29, inside the clip range
-    assert torch.allclose(mask.beta, torch.tensor([2.5 + 0.5 * (target - 2.5)]))
-    before = mask.beta.clone()
-    mask.update_beta(x2, mask.masks_for(x2), torch.tensor([[False]]))  # no positive image: unchanged
-    assert torch.equal(mask.beta, before)
+    x[0, 0, 2, 2] = 1.0  # a point: sigma = 0 -> 3/sigma = inf -> target clipped to 3
+    mask.update_beta(x, mask.masks_for(x), torch.tensor([[True]]), lr=1e-4, momentum=0.9)
+    # g = -1e4 (3 - 2); v = -0.05 * 1e-4 * g = 0.05
+    assert torch.allclose(mask.beta, torch.tensor([2.05]))
+    mask.update_beta(x, mask.masks_for(x), torch.tensor([[True]]), lr=1e-4, momentum=0.9)
+    # v = 0.9 * 0.05 + 0.05 * 1e-4 * 1e4 * (3 - 2.05) = 0.0925
+    assert torch.allclose(mask.beta, torch.tensor([2.1425]))
+    assert torch.allclose(mask.beta_velocity, torch.tensor([0.0925]))
+
+
+def test_learned_beta_without_positive_images_targets_three():
+    mask = InterpretableMask(1, num_classes=1)
+    x = torch.rand(2, 1, 5, 5)
+    mask.update_beta(x, mask.masks_for(x), torch.tensor([[False], [False]]), lr=1e-4)
+    assert torch.allclose(mask.beta, torch.tensor([2.05]))  # the step toward 3, as above
+
+
+def test_learned_beta_uses_raw_strengths_that_can_be_negative():
+    mask = InterpretableMask(1, num_classes=1)
+    x = torch.zeros(2, 1, 5, 5)
+    x[0, 0, 0, 0] = x[0, 0, 0, 4] = x[0, 0, 4, 0] = x[0, 0, 4, 4] = 1.0  # centroid at the centre, mask -1 at corners
+    x[1, 0, 2, 2] = 1.0  # a point at the centre
+    m = mask.masks_for(x)
+    s = (x * m).mean(dim=(2, 3))[:, 0]
+    assert s[0] == pytest.approx(-4 / 25) and s[1] == pytest.approx(1 / 25)
+    # sigma-bar = (s0 * sqrt(8) + s1 * 0) / (s0 + s1) = 3.77 -> 3 / sigma-bar = 0.80 -> clipped to 1.5
+    # (a rule that clamps strengths at 0 sees only the point, sigma-bar 0, and targets 3 instead)
+    mask.update_beta(x, m, torch.tensor([[True], [True]]), lr=1e-4, momentum=0.9)
+    assert torch.allclose(mask.beta, torch.tensor([2.0 - 0.05 * 1e-4 * 1e4 * 0.5]))

@@ -17,6 +17,9 @@ from captum.metrics import infidelity, sensitivity_max
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from icnn_compress.evaluate import evaluate
+from icnn_compress.mask import InterpretableMask
+from icnn_compress.protocol import class_rule_for, measure_points
 from icnn_compress.receptive_field import layer_geometry
 
 from ._explainers import EXPLAINERS, IcnnMaps, _Conductance, build_explainers, input_range_of
@@ -81,6 +84,8 @@ def compare(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     keep: Iterable[int] = (),
+    protocol: str = "official",
+    architecture: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> Comparison:
     """Explain every image of ``loader`` with each of ``methods`` and measure the maps the same way.
@@ -100,12 +105,15 @@ def compare(
         image_size: ``S``.
         landmark_names, classes: names indexed like the landmarks and the labels.
         methods: names from :data:`~icnn_compress.compare.EXPLAINERS`.
-        filter_category: ``(D,)`` long category of each of ``layer``'s filters; default: ``layer``'s
-            ``category`` when it is an :class:`~icnn_compress.mask.InterpretableMask`.
+        filter_category: ``(D,)`` long category of each of ``layer``'s filters; default: the class
+            ``protocol`` gives each filter on these images (the learned ``category`` of a mask under
+            ``masked-output``).
         settings: :class:`CompareSettings` (defaults when ``None``).
         device: where everything runs.
         mean, std: the input normalisation (SmoothGrad's noise scale; the figure's colours).
         keep: dataset indices (``batch["index"]``) whose maps are returned in ``Comparison.examples``.
+        protocol, architecture: where the ``icnn`` maps are read (:mod:`icnn_compress.protocol`; under
+            ``official`` a mask's input, or the new conv's raw output) and the run's architecture record.
         progress: a tqdm bar over batches.
 
     Returns:
@@ -125,14 +133,24 @@ def compare(
     module = model.get_submodule(layer) if layer in dict(model.named_modules()) else None
     if module is None:
         raise CompareError(f"model has no module named {layer!r}; pass a name from model.named_modules()")
-    if filter_category is None and hasattr(module, "category"):
+    point = measure_points(model, [layer], protocol, architecture=architecture)[layer]
+    rule = class_rule_for(protocol)
+    if filter_category is None and rule == "learned" and hasattr(module, "category"):
         filter_category = module.category
+    elif filter_category is None and isinstance(module, InterpretableMask):
+        # The protocol's class of each filter on these images: one more forward pass over them.
+        measured = evaluate(model, loader, layers=[layer], classes=classes, landmark_names=landmark_names,
+                            image_size=image_size, protocol=protocol, class_rule=rule, architecture=architecture,
+                            device=device)
+        filter_category = torch.tensor(measured["layers"][layer]["filter_category"])
     geometry = layer_geometry(model, layer, image_size=image_size)
+    point_geometry = layer_geometry(model, point.module, image_size=image_size)
     keep = set(int(i) for i in keep)
     was_training = model.training
     model.to(device).eval()
     explainers = build_explainers(model, methods, layer=layer, image_size=image_size, geometry=geometry,
-                                  filter_category=filter_category, settings=settings,
+                                  filter_category=filter_category, settings=settings, point=point,
+                                  point_geometry=point_geometry,
                                   input_range=input_range_of(list(mean) if mean else None,
                                                              list(std) if std else None))
     icnn = explainers.get("icnn")
@@ -227,6 +245,8 @@ def compare(
         "accuracy": float(torch.cat(correct).double().mean()),
         "mean_target_prob": float(torch.cat(target_prob).double().mean()),
         "layer": layer,
+        "protocol": protocol,
+        "icnn_maps_at": point.describe(),
         "geometry": {"offset": list(geometry.offset), "stride": list(geometry.stride),
                      "receptive_field": list(geometry.size) if geometry.size else None},
         "target": settings.target,
@@ -366,6 +386,7 @@ def compare_run(
     limit: int | None = 100,
     baseline_run: str | Path | None = None,
     layer: str | None = None,
+    protocol: str | None = None,
     settings: CompareSettings | None = None,
     device: str | torch.device = "auto",
     figure_images: int = 6,
@@ -388,6 +409,8 @@ def compare_run(
         limit: images compared.
         baseline_run: the non-interpretable run (``RUN/baseline``) explained the same way.
         layer: measured module; default: the model's first mask (the top conv's).
+        protocol: where the ``icnn`` maps are read and which class each filter explains (None: the run
+            recipe's ``eval.protocol``).
         settings: :class:`CompareSettings`.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         figure_images: rows of the figure.
@@ -433,7 +456,7 @@ def compare_run(
             model, loader, layer=name_layer, image_size=dataset.image_size,
             landmark_names=dataset.landmark_names, classes=dataset.classes, methods=methods,
             settings=settings, device=dev, mean=dataset.mean, std=dataset.std, keep=meta["figure"],
-            progress=progress)
+            protocol=protocol or recipe.eval.protocol, architecture=saved["architecture"], progress=progress)
         comparisons[key].summary.update(run=str(path), arm=saved.get("arm"))
 
     dataset = meta["dataset"]
@@ -444,6 +467,7 @@ def compare_run(
         "limit": limit,
         "num_images": len(meta["indices"]),
         "layer": meta["layer"],
+        "protocol": protocol or recipe.eval.protocol,
         "settings": asdict(settings),
         "landmarks": list(dataset.landmark_names),
         "classes": list(dataset.classes),

@@ -44,6 +44,7 @@ from captum.attr import (
 )
 from torch import Tensor, nn
 
+from icnn_compress.protocol import MeasurePoint, read_map
 from icnn_compress.receptive_field import LayerGeometry
 
 from ._measures import upsample_to_input
@@ -82,7 +83,8 @@ def _grad_input(images: Tensor) -> Tensor:
 class IcnnMaps(Explainer):
     """The model's own explanation: the mean of the ``target`` class's filter maps at ``layer``.
 
-    The maps are the layer's outputs in the ordinary forward pass (for a mask module: the masked maps),
+    The maps are read where the measurement protocol reads them (``point``: under ``official`` a mask's
+    input, before the mask moves the peak; without a point, the layer's output),
     so :meth:`capture` around the forward the comparison makes anyway yields them at no extra cost;
     calling the explainer directly (as ``sensitivity_max`` does) runs its own forward. A class with no
     filter gets a flat zero map (chance level, counted as empty).
@@ -91,17 +93,18 @@ class IcnnMaps(Explainer):
     name = "icnn"
 
     def __init__(self, model: nn.Module, layer: nn.Module, geometry: LayerGeometry, image_size: int,
-                 category: Tensor) -> None:
+                 category: Tensor, point: MeasurePoint | None = None) -> None:
         self.model, self.layer, self.geometry, self.image_size = model, layer, geometry, image_size
         self.category = category.long()
+        self.point = point
         self.activation: Tensor | None = None
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
-        """Keep the layer's output of the forward passes run inside the block in ``self.activation``."""
+        """Keep the maps (``point``'s, else the layer's output) of the forward passes run inside the block."""
 
-        def hook(_module: nn.Module, _inputs: object, output: Tensor) -> None:
-            self.activation = output.detach()
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            self.activation = (output if self.point is None else read_map(self.point, module, inputs, output)).detach()
 
         handle = self.layer.register_forward_hook(hook)
         try:
@@ -253,6 +256,8 @@ def build_explainers(
     filter_category: Tensor | None,
     settings: CompareSettings,
     input_range: float = 1.0,
+    point: MeasurePoint | None = None,
+    point_geometry: LayerGeometry | None = None,
 ) -> dict[str, Explainer]:
     """Return the named explainers for ``model`` (in eval mode), in the order given.
 
@@ -265,6 +270,8 @@ def build_explainers(
         filter_category: ``(D,)`` long category of each filter of ``layer``; needed by ``icnn``.
         settings: steps, batch sizes, noise.
         input_range: ``max - min`` of a normalised input; SmoothGrad's noise is a fraction of it.
+        point, point_geometry: where the ``icnn`` maps are read (:mod:`icnn_compress.protocol`) and that
+            module's geometry; default: ``layer``'s output.
     """
     unknown = [m for m in methods if m not in EXPLAINERS]
     if unknown:
@@ -278,7 +285,8 @@ def build_explainers(
             if filter_category is None:
                 raise CompareError(f"the icnn explainer needs each filter's category at {layer!r}: measure a "
                                  "mask layer (InterpretableMask.category) or pass filter_category")
-            out[name] = IcnnMaps(model, module, geometry, image_size, filter_category)
+            icnn_module = module if point is None else model.get_submodule(point.module)
+            out[name] = IcnnMaps(model, icnn_module, point_geometry or geometry, image_size, filter_category, point)
         elif name == "gradcam":
             out[name] = _GradCam(model, module, geometry, image_size)
         elif name == "conductance":

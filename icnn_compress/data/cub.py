@@ -25,7 +25,7 @@ _IMAGENET_TRANSFORMS = VGG16_Weights.IMAGENET1K_V1.transforms()
 IMAGENET_MEAN: tuple[float, ...] = tuple(_IMAGENET_TRANSFORMS.mean)
 IMAGENET_STD: tuple[float, ...] = tuple(_IMAGENET_TRANSFORMS.std)
 
-_SPLITS = ("train", "test", "all")
+_SPLITS = ("train", "val", "test", "all")
 _HOW_TO_MAKE = "generate one with `icnn make-dataset parts --out DIR`"
 
 
@@ -65,6 +65,21 @@ def _need(table: dict, image_id: int, path: Path) -> object:
         raise DatasetError(f"{path}: no line for image id {image_id} (listed in images.txt)") from None
 
 
+def _validation_ids(ids: Sequence[int], labels: dict, fraction: float, seed: int) -> set[int]:
+    """The validation images: ``round(fraction · n_c)`` of each class's ``n_c`` images, drawn with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i in ids:
+        by_class.setdefault(labels.get(i), []).append(i)
+    held: set[int] = set()
+    for c in sorted(by_class, key=lambda v: (v is None, v)):
+        members = by_class[c]
+        take = round(fraction * len(members))
+        order = torch.randperm(len(members), generator=gen)[:take].tolist()
+        held.update(members[j] for j in order)
+    return held
+
+
 class CubDataset(torch.utils.data.Dataset):
     """Return samples of a CUB-200-2011 folder as dicts of tensors, cropped to the box and resized to S×S.
 
@@ -80,13 +95,19 @@ class CubDataset(torch.utils.data.Dataset):
 
     Args:
         root: the folder that holds ``images.txt`` and ``images/``.
-        split: ``"train"``, ``"test"`` or ``"all"`` (from ``train_test_split.txt``).
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"`` (from ``train_test_split.txt``); ``"val"`` is
+            the ``val_fraction`` of each class's training images chosen with ``val_seed``, and ``"train"``
+            the rest of them.
         image_size: S, the side of the returned square images.
         crop_to_box: crop to the bounding box (as the paper does for CUB) before resizing; else use the
             whole image.
         mean, std: per-channel normalisation of images scaled to [0, 1].
         landmarks: the part names to keep, in this order; None keeps all parts of ``parts/parts.txt``.
-        limit: keep only the first ``limit`` images of the split.
+        limit: keep only the first ``limit`` images of the split (for ``"train"`` and ``"val"``: of the
+            training images, before the validation split is carved from them).
+        val_fraction, val_seed: the validation split (0: none, ``"train"`` is every training image).
+        single_object: a class name: the single-category task, whose classes are ``["other", object]``
+            (label 1 for the object's images, 0 for all others).
     """
 
     def __init__(
@@ -100,6 +121,9 @@ class CubDataset(torch.utils.data.Dataset):
         std: Sequence[float] = IMAGENET_STD,
         landmarks: Sequence[str] | None = None,
         limit: int | None = None,
+        val_fraction: float = 0.0,
+        val_seed: int = 0,
+        single_object: str | None = None,
     ) -> None:
         if split not in _SPLITS:
             raise DatasetError(f"split must be one of {_SPLITS}, got {split!r}")
@@ -152,7 +176,7 @@ class CubDataset(torch.utils.data.Dataset):
         part_index = {all_parts[n]: k for k, n in enumerate(self.landmark_names)}  # part id -> k
 
         # Keep the split, in image-id order.
-        want = {"train": (1,), "test": (0,), "all": (0, 1)}[split]
+        want = {"train": (1,), "val": (1,), "test": (0,), "all": (0, 1)}[split]
         ids = []
         for image_id in sorted(images):
             flag = _need(is_train, image_id, path("train_test_split.txt"))
@@ -162,6 +186,9 @@ class CubDataset(torch.utils.data.Dataset):
                 ids.append(image_id)
         if limit is not None:
             ids = ids[:limit]
+        if split in ("train", "val") and val_fraction > 0:
+            held = _validation_ids(ids, labels, val_fraction, val_seed)
+            ids = [i for i in ids if (i in held) == (split == "val")]
         row_of = {image_id: i for i, image_id in enumerate(ids)}
         n, k = len(ids), len(self.landmark_names)
 
@@ -176,6 +203,12 @@ class CubDataset(torch.utils.data.Dataset):
                 )
             label_list.append(c - 1)
         self.labels = torch.tensor(label_list, dtype=torch.int64)  # (N,)
+        if single_object is not None:
+            if single_object not in self.classes:
+                raise DatasetError(f"icnn.object {single_object!r} is not a class of {self.root}; its classes "
+                                   f"are {self.classes[:20]}")
+            self.labels = (self.labels == self.classes.index(single_object)).long()
+            self.classes = ["other", single_object]
         self.boxes = torch.tensor(
             [_need(boxes, i, path("bounding_boxes.txt")) for i in ids], dtype=torch.float64
         ).reshape(n, 4)  # (N, 4) x, y, w, h in original pixels

@@ -6,13 +6,13 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import DataConfig
+from ..config import DataConfig, ICNNConfig
 from ..errors import DatasetError
 from .cub import CubDataset
 from .fashion import generate_fashion_canvas
 from .generate import generate_parts_dataset
 
-__all__ = ["ensure_dataset", "open_split", "relocate"]
+__all__ = ["ensure_dataset", "open_split", "relocate", "task_object"]
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,14 @@ def ensure_dataset(cfg: DataConfig, *, progress: bool = True) -> Path:
     return root
 
 
-def open_split(cfg: DataConfig, split: str, *, progress: bool = True) -> CubDataset:
-    """Open one split ("train", "test" or "all") of the recipe's dataset at the recipe's image size."""
+def open_split(cfg: DataConfig, split: str, *, progress: bool = True, single_object: str | None = None) -> CubDataset:
+    """Open one split ("train", "val", "test" or "all") of the recipe's dataset at the recipe's image size.
+
+    ``single_object`` (the recipe's ``icnn.object`` in a single-category task, see :func:`task_object`)
+    relabels the images as object / other.
+    """
     root = ensure_dataset(cfg, progress=progress)
-    limit = cfg.limit_train if split == "train" else cfg.limit_test
+    limit = cfg.limit_train if split in ("train", "val") else cfg.limit_test
     return CubDataset(
         root,
         split=split,
@@ -54,5 +58,14 @@ def open_split(cfg: DataConfig, split: str, *, progress: bool = True) -> CubData
         crop_to_box=cfg.crop_to_box,
         mean=cfg.mean,
         std=cfg.std,
+        landmarks=cfg.landmarks,
         limit=limit,
+        val_fraction=cfg.val_fraction,
+        val_seed=cfg.val_seed,
+        single_object=single_object,
     )
+
+
+def task_object(icnn: ICNNConfig) -> str | None:
+    """The object class of a single-category recipe, else None."""
+    return icnn.object if icnn.task == "single-category" else None

@@ -30,7 +30,7 @@ class MaskPruner(tp.pruner.BasePruningFunc):
 
     ``prune_in_channels is prune_out_channels`` makes the mask pass its channels through in the dependency
     graph (torch-pruning's intra-layer dependency), so the mask is pruned with the conv that feeds it and
-    the conv that reads it. Its per-channel state goes with the channels: ``beta`` ``(D,)`` and
+    the conv that reads it. Its per-channel state goes with the channels: ``beta`` and ``beta_velocity`` ``(D,)`` and
     ``class_peak`` ``(C, D)``; ``class_seen`` and ``class_freq`` are per class and stay.
 
     It also remembers, for every mask it pruned, which channels of the mask as first seen remain
@@ -60,6 +60,7 @@ class MaskPruner(tp.pruner.BasePruningFunc):
         keep_t = torch.tensor(keep, dtype=torch.long, device=layer.beta.device)
         # Assigning a tensor to a registered buffer's name replaces the buffer (nn.Module.__setattr__).
         layer.beta = layer.beta.index_select(0, keep_t).contiguous()
+        layer.beta_velocity = layer.beta_velocity.index_select(0, keep_t).contiguous()
         layer.class_peak = layer.class_peak.index_select(1, keep_t).contiguous()  # (C, D')
         self._origin[layer] = origin[torch.tensor(keep, dtype=torch.long)]
         return layer

@@ -14,7 +14,7 @@ from torch import nn
 
 from icnn_compress.checkpoint import RunDir, atomic_write_text, save_model_file
 from icnn_compress.config import PruneConfig, Recipe, recipe_from_dict, recipe_to_dict
-from icnn_compress.data.recipe import open_split, relocate
+from icnn_compress.data.recipe import open_split, relocate, task_object
 from icnn_compress.train import finetune, load_run_model, loader, resolve_device, validate
 
 from ._graph import prune_model
@@ -127,7 +127,7 @@ def prune_run(
     settings = _settings(recipe, run, target_macs=target_macs, criterion=criterion, recover_epochs=recover_epochs,
                          round_to=round_to, floor=floor)
     data_cfg = relocate(recipe.data, data_root)
-    test_set = open_split(data_cfg, "test", progress=progress)
+    test_set = open_split(data_cfg, "test", progress=progress, single_object=task_object(recipe.icnn))
     test = loader(test_set, batch_size=recipe.train.eval_batch_size, shuffle=False, seed=0, workers=0, device=dev)
     acc_before = validate(model, test, dev, amp=False, channels_last=False)
 
@@ -139,7 +139,7 @@ def prune_run(
     importance = make_importance(settings.criterion, mask_pruner=mask_pruner, scores=scores)
     before_step = None
     if settings.criterion == "taylor":
-        train_set = open_split(data_cfg, "train", progress=progress)
+        train_set = open_split(data_cfg, "train", progress=progress, single_object=task_object(recipe.icnn))
         train = loader(train_set, batch_size=recipe.train.batch_size, shuffle=True, seed=seed, workers=0, device=dev)
         before_step = _taylor_backward(train, dev, taylor_batches)
     size = saved["architecture"]["image_size"]
@@ -159,10 +159,10 @@ def prune_run(
                                "resume with the same criterion, analysis, target and seed, or start afresh")
         atomic_write_text(planned, json.dumps(history))
         rec = _recovery_recipe(replace(recipe, data=data_cfg), saved, settings.recover_epochs)
-        final = finetune(rec, out_dir.path, arm=saved.get("arm", "icnn"), resume=resume_recovery,
-                         progress=progress, model=model, architecture=saved["architecture"],
-                         extra={"pruning": history})
-        acc_recovered = float(final["val_acc"])
+        finetune(rec, out_dir.path, arm=saved.get("arm", "icnn"), resume=resume_recovery, progress=progress,
+                 model=model, architecture=saved["architecture"], extra={"pruning": history})
+        # Recovery chose on its validation split; the reported accuracy is the test split's, as above.
+        acc_recovered = validate(model, test, dev, amp=False, channels_last=False)
     record = {
         "criterion": settings.criterion,
         "target_macs": settings.target_macs,
