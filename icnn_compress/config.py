@@ -155,8 +155,10 @@ class ICNNConfig:
     # the learned beta moves as the released code moves it (InterpretableMask.update_beta): raw strengths,
     # target 3 without positive images, a pseudo-gradient -beta_grad * (target - beta) through momentum
     # SGD (train.momentum) at beta_lr x the learning rate, no weight decay
+    # beta_grad None: 1 / train.lr, which is the code's 1e4 at the code's lr 1e-4 and keeps its per-step
+    # pull (0.05 of the gap at the first lr) at any other learning rate
     beta_lr: float = _at_least(0.0, 0.05)
-    beta_grad: float = _at_least(0.0, 1e4)
+    beta_grad: float | None = _at_least(0.0, None)
     # "single-category": the paper's main setting, `object` against all other images as negatives, every
     # filter the object's, a two-way (object / other) head
     task: str = _choices("multi-category", "single-category", default="multi-category")

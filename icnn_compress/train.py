@@ -247,7 +247,7 @@ def build_for_recipe(recipe: Recipe, *, arm: str, classes: list[str], image_size
     for mask in (model.get_submodule(n) for n in layout["masks"]):
         mask.category_momentum = recipe.icnn.category_momentum
         mask.beta_lr = recipe.icnn.beta_lr
-        mask.beta_grad = recipe.icnn.beta_grad
+        mask.beta_grad = _beta_grad(recipe)
     architecture = {
         "arch": m.arch, "num_classes": num_classes, "image_size": image_size,
         "variant": "baseline" if arm == "baseline" else "icnn", "new_conv": m.new_conv,
@@ -638,10 +638,17 @@ def finetune(
     return record
 
 
+def _beta_grad(recipe: Recipe) -> float:
+    """The scale of β's pseudo-gradient: ``icnn.beta_grad``, or 1/lr (the code's 1e4 at its lr 1e-4)."""
+    if recipe.icnn.beta_grad is not None:
+        return recipe.icnn.beta_grad
+    return 1.0 / recipe.train.lr if recipe.train.lr > 0 else 0.0
+
+
 def _check_beta_step(recipe: Recipe, arm: str) -> None:
     """Refuse a learned-β step that makes β's momentum update diverge (heavy ball: lr·g < 2(1 + momentum))."""
     i, t = recipe.icnn, recipe.train
-    step = t.lr * i.beta_lr * i.beta_grad
+    step = t.lr * i.beta_lr * _beta_grad(recipe)
     if arm != "baseline" and i.beta == "learned" and step >= 2 * (1 + t.momentum):
         raise TrainingError(
             f"the learned beta would diverge: train.lr x icnn.beta_lr x icnn.beta_grad = {step:.3g} must stay "
