@@ -13,6 +13,7 @@ from .loss import FilterLoss, mutual_information_loss, reference_gradient
 from .mask import InterpretableMask
 from .metrics import location_instability
 from .pipeline import run_pipeline
+from .protocol import PROTOCOLS, MeasurePoint, measure_points
 from .receptive_field import LayerGeometry, layer_geometry
 from .surgery import ARCHITECTURES, build_base_model, build_model, interpretable_layers, make_interpretable
 from .train import calibrate, finetune, load_run_model, pretrain
@@ -27,7 +28,9 @@ __all__ = [
     "ICNNError",
     "InterpretableMask",
     "LayerGeometry",
+    "MeasurePoint",
     "ModelError",
+    "PROTOCOLS",
     "Recipe",
     "RecipeError",
     "TrainingError",
@@ -47,6 +50,7 @@ __all__ = [
     "load_run_model",
     "location_instability",
     "make_interpretable",
+    "measure_points",
     "mutual_information_loss",
     "pretrain",
     "read_state_dict",

@@ -132,6 +132,11 @@ def mutual_information_loss(
 ) -> Tensor:
     """Return Loss_f = −MI(X; T) per filter, (D,), differentiable in x (paper Eq. 1, float32).
 
+    Its value is the stated formula; its autograd gradient is not the paper's Eq. 4, which keeps only the
+    target template's term and treats Z_T as a constant: the two agree only where the activations are
+    large against 1/τ (the target template then dominates p(x)), and the loss is paper-literal only with
+    the paper's mask (``icnn.peak = "argmax"``, a fixed ``icnn.beta``), which training warns about.
+
     Templates t⁺(µ) = τ·max(1 − β‖·−µ‖₁, −1) on the [-1, 1] grid, t⁻ = −τ, τ = 0.5/n², uniform priors
     over the n²+1 templates. Z_T is the batch's Monte-Carlo partition, held constant (as in the paper);
     only each image's target template T̂ (its peak for images of the filter's category, T⁻ otherwise)

@@ -506,6 +506,11 @@ def finetune(
     run = RunDir(Path(out))
     _check_resume(run, resume, "run")
     _check_beta_step(recipe, arm)
+    if arm == "icnn" and recipe.icnn.loss == "mutual-information" and (
+            recipe.icnn.peak != "argmax" or recipe.icnn.beta == "learned"):
+        log.warning("icnn.loss = 'mutual-information' is the paper's loss only with the paper's mask: set "
+                    "icnn.peak = 'argmax' and a fixed icnn.beta (4.0); this run uses peak %r, beta %r",
+                    recipe.icnn.peak, recipe.icnn.beta)
     setup = _setup(recipe, progress)
     # Under torchrun only rank 0 writes (run directory, metrics, checkpoints); every rank reads last.pt.
     main = is_main()
