@@ -99,7 +99,14 @@ from icnn_compress.metrics import (
     location_instability,
     min_instability_classes,
 )
-from icnn_compress.protocol import class_rule_for, measure_points, read_map
+from icnn_compress.protocol import (
+    class_rule_for,
+    drops_sparse,
+    largest_mean_class,
+    learned_classes,
+    measure_points,
+    read_map,
+)
 from icnn_compress.receptive_field import LayerGeometry, layer_geometry
 from icnn_compress.threads import cpu_threads
 
@@ -688,7 +695,7 @@ def _finish_layer(name: str, an: _LayerAnalyzer, geometry: LayerGeometry, *, cat
     silent = rate < settings["silent_fraction"]
     class_mean = st["class_peak_sum"] / st["class_count"].clamp(min=1)[:, None]  # (C, D)
     class_mean = torch.where(st["class_count"][:, None] > 0, class_mean, torch.zeros_like(class_mean))
-    drop = settings["protocol"] == "official"
+    drop = drops_sparse(settings["protocol"])
     peak_xy = None
     if landmarks is not None and len(landmark_names):
         cell = torch.cat(an.cells)  # (N, D)
@@ -698,7 +705,7 @@ def _finish_layer(name: str, an: _LayerAnalyzer, geometry: LayerGeometry, *, cat
                                            num_classes=len(classes), image_diagonal=image_size * math.sqrt(2.0),
                                            top_k=settings["instability_top_k"])
     if category is None:
-        category = class_mean.argmax(0)
+        category = largest_mean_class(st["class_peak_sum"], st["class_count"])
     if category.shape != (d,):
         raise ValueError(f"filter_category[{name!r}] has shape {tuple(category.shape)}, expected ({d},)")
     total = class_mean.sum(0)
@@ -990,19 +997,13 @@ def analyze_run(
     from torch.utils.data import DataLoader
 
     from icnn_compress.evaluate import open_run
-    from icnn_compress.mask import InterpretableMask
     from icnn_compress.train import resolve_device
 
     dev = init_distributed(resolve_device(str(device)))  # under torchrun: join the group, cuda:LOCAL_RANK
     model, saved, recipe, dataset = open_run(run, data_root=data_root, split=split, device=dev, progress=progress)
     layers = list(layers) if layers else list(saved["architecture"]["masks"])
     protocol = protocol or recipe.eval.protocol
-    categories = {}
-    if class_rule_for(protocol) == "learned":
-        for name in layers:
-            m = model.get_submodule(name)
-            if isinstance(m, InterpretableMask):
-                categories[name] = m.category
+    categories = learned_classes(model, layers) if class_rule_for(protocol) == "learned" else {}
     if is_distributed():
         # Each rank takes every world-th image of the same seeded order (no padding: each image once);
         # analyze() merges the ranks' statistics at the end.

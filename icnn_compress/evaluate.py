@@ -25,7 +25,7 @@ from icnn_compress.metrics import (
     oracle_reference,
     random_peak_reference,
 )
-from icnn_compress.protocol import fixed_classes, measure_points, read_map, released_classes
+from icnn_compress.protocol import drops_sparse, fixed_classes, measure_points, read_map, released_classes
 from icnn_compress.receptive_field import LayerGeometry, layer_geometry
 
 __all__ = ["evaluate"]
@@ -146,7 +146,7 @@ def evaluate(
     if lm.shape[1] != len(landmark_names):
         raise ValueError(f"batches have {lm.shape[1]} landmarks but {len(landmark_names)} landmark names were given")
     diagonal = image_size * math.sqrt(2.0)
-    drop = protocol == "official"
+    drop = drops_sparse(protocol)
     rule = "given" if filter_category is not None else class_rule
     if single_category is not None:
         rule = "single-category"
@@ -250,7 +250,7 @@ def evaluate_run(
 
     from .checkpoint import atomic_write_text
     from .data.recipe import task_object
-    from .protocol import class_rule_for
+    from .protocol import class_rule_for, learned_classes
     from .train import resolve_device
 
     dev = resolve_device(str(device))
@@ -258,9 +258,7 @@ def evaluate_run(
     protocol = protocol or recipe.eval.protocol
     layers = saved["architecture"]["masks"]
     rule = class_rule_for(protocol)
-    categories = None
-    if rule == "learned":
-        categories = {name: model.get_submodule(name).category for name in layers}
+    categories = learned_classes(model, layers) if rule == "learned" else None
     obj = task_object(recipe.icnn)
     loader = DataLoader(dataset, batch_size=recipe.train.eval_batch_size, shuffle=False,
                         num_workers=recipe.data.num_workers)

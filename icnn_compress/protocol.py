@@ -34,7 +34,10 @@ __all__ = [
     "MeasurePoint",
     "argmax_masked",
     "class_rule_for",
+    "drops_sparse",
     "fixed_classes",
+    "largest_mean_class",
+    "learned_classes",
     "measure_points",
     "read_map",
     "released_classes",
@@ -136,10 +139,28 @@ def released_classes(peak_value: Tensor, labels: Tensor, num_classes: int) -> Te
         num_classes: C; classes without images never win.
     """
     onehot = torch.nn.functional.one_hot(labels.long(), num_classes).double()  # (N, C)
-    count = onehot.sum(dim=0)  # (C,)
-    mean = (onehot.t() @ peak_value.double()) / count.clamp(min=1)[:, None]  # (C, D)
+    return largest_mean_class(onehot.t() @ peak_value.double(), onehot.sum(dim=0))
+
+
+def largest_mean_class(peak_sum: Tensor, count: Tensor) -> Tensor:
+    """The released rule from per-class sums: ``(C, D)`` summed peaks and ``(C,)`` image counts → ``(D,)``.
+
+    A class without images never wins, also when every mean is negative (raw conv outputs).
+    """
+    mean = peak_sum.double() / count.clamp(min=1)[:, None]
     mean[count == 0] = -torch.inf
     return mean.argmax(dim=0)
+
+
+def drops_sparse(protocol: str) -> bool:
+    """Whether ``protocol`` drops a filter with a landmark seen on fewer than 2 images (``official``)."""
+    _check(protocol)
+    return protocol == "official"
+
+
+def learned_classes(model: nn.Module, layers: Sequence[str]) -> dict[str, Tensor]:
+    """The class each mask learned in training (``InterpretableMask.category``), per mask among ``layers``."""
+    return {name: m.category for name in layers if isinstance(m := model.get_submodule(name), InterpretableMask)}
 
 
 def fixed_classes(num_filters: int, category: int) -> Tensor:

@@ -211,11 +211,12 @@ def _setup(recipe: Recipe, progress: bool) -> _Setup:
     # with data.val_fraction = 0 that is the training split itself, never the test split.
     val_data = (open_split(recipe.data, "val", progress=progress, single_object=obj)
                 if recipe.data.val_fraction > 0 else train_data)
+    if is_main():
+        barrier()
+    # After the barrier: every rank sees the same split and raises together, none is left waiting.
     if len(val_data) == 0:
         raise TrainingError(f"the validation split of {recipe.data.root} is empty (data.val_fraction = "
                             f"{recipe.data.val_fraction}); raise data.val_fraction")
-    if is_main():
-        barrier()
     cuda = device.type == "cuda"
     return _Setup(recipe, device, recipe.train.amp and cuda, recipe.train.channels_last and cuda,
                   train_data, val_data, progress)
