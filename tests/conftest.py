@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,17 @@ from icnn_compress.data.generate import generate_parts_dataset
 from icnn_compress.train import pretrain
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.toml"
+
+
+def require_system_package(present: bool, package: str, why: str) -> None:
+    """Stop a test that needs Debian's ``package``: fail under CI (``CI=true``, where ``make test`` installed
+    it, so its absence is a broken set-up), skip elsewhere; both say the one command that installs it."""
+    if present:
+        return
+    message = f"{why} needs Debian's {package}: `sudo apt-get install {package}` (`make test` installs it as root)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")

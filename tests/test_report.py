@@ -13,6 +13,7 @@ import torch
 
 from icnn_compress.analyze import analyze, write_analysis, write_gallery
 from icnn_compress.report import build_report, render_analysis, report, report_sections
+from conftest import require_system_package
 from test_analyze import MapModel, S, _loader, _maps
 
 CHROMIUM = "/usr/bin/chromium"
@@ -85,9 +86,8 @@ def test_sections_and_extra_sections(dirs, tmp_path) -> None:
 
 
 def _chromium(args: list[str], user_data: Path) -> subprocess.CompletedProcess:
-    if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
-        pytest.fail("Chromium is missing: the report test renders report.html in a real browser; "
-                    "run `apt-get install chromium` (Debian), as .ci/run does")
+    require_system_package(Path(CHROMIUM).exists() or shutil.which("chromium") is not None, "chromium",
+                           "rendering report.html in a real browser")
     exe = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
     cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",

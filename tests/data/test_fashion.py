@@ -12,6 +12,7 @@ import torch
 from icnn_compress.data import CubDataset, generate_fashion_canvas
 from icnn_compress.data import fashion
 from icnn_compress.errors import DatasetError
+from conftest import require_system_package
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"]
@@ -103,8 +104,8 @@ def test_too_many_requested(torchvision_root: Path, tmp_path: Path) -> None:
         generate_fashion_canvas(tmp_path / "fc", source=torchvision_root, train_count=11, progress=False)
 
 
-@pytest.mark.skipif(not DEBIAN.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_debian_package(tmp_path: Path) -> None:
+    require_system_package(DEBIAN.is_dir(), "dataset-fashion-mnist", "reading the real Fashion-MNIST files")
     out = generate_fashion_canvas(tmp_path / "fc", train_count=12, test_count=6, canvas_size=64, progress=False)
     _check(out, train=12, test=6, size=64)
     s = CubDataset(out, split="train", image_size=32)[0]
