@@ -102,7 +102,9 @@ def location_instability(
         filter_mask: ``(N, D)`` bool, images each filter may be measured on at all (the oracle
             reference uses it for "landmark j is visible"); ``None``: every image.
         drop_sparse: drop a filter (``per_filter`` NaN) when any landmark was seen on fewer than 2 of its
-            images, as the released code does (a landmark visible on no image at all is ignored);
+            images, as the released code does. A landmark visible on none of the images the filter may be
+            measured on (with ``filter_category``: none of its category's) is not one of that category's
+            parts and drops nothing: on PASCAL-Part and the generated data each category has its own parts.
             ``False`` averages the landmarks that have 2 or more.
     """
     n, d = _check_2d("peak_value", peak_value)
@@ -137,6 +139,7 @@ def location_instability(
     std = torch.full((d, k), float("nan"), dtype=torch.float64, device=device)
     mean_dist = torch.full((d, k), float("nan"), dtype=torch.float64, device=device)
     count = torch.zeros((d, k), dtype=torch.long, device=device)
+    present = torch.zeros((d, k), dtype=torch.bool, device=device)  # the landmark is one of the filter's parts
     # Stable sort: equal peaks (e.g. all-zero maps) are ranked by image index, deterministically.
     order = torch.sort(peak_value, dim=0, descending=True, stable=True).indices  # (N, D)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, n * k))
@@ -158,12 +161,11 @@ def location_instability(
         std[s:e] = torch.where(c >= 2, var.sqrt(), float("nan"))
         mean_dist[s:e] = torch.where(c >= 1, mu, float("nan"))
         count[s:e] = c
+        present[s:e] = eligible.any(dim=0)
 
     per_filter = (torch.nanmean(std, dim=1) if k
                   else torch.full((d,), float("nan"), dtype=torch.float64, device=device))
     if drop_sparse and k:
-        # A landmark visible on no image at all is not a landmark of this data and drops nothing.
-        present = visible.any(dim=0)  # (K,)
         enough = ((count >= 2) | ~present).all(dim=1)
         per_filter = torch.where(enough, per_filter, float("nan"))
     mean = torch.nanmean(per_filter).item() if d else float("nan")

@@ -30,7 +30,6 @@ def _released_reference(maps, labels, landmarks, visible, num_classes, top_k):
     """The released code's evaluation, written out in plain Python floats (float64)."""
     n, d = maps.shape[:2]
     diag = S * math.sqrt(2.0)
-    present = [any(visible[i][k] for i in range(n)) for k in range(len(landmarks[0]))]
     per_filter = []
     for f in range(d):
         peak, where = [], []
@@ -46,10 +45,10 @@ def _released_reference(maps, labels, landmarks, visible, num_classes, top_k):
             means.append(sum(own) / len(own) if own else -math.inf)
         cls = means.index(max(means))
         stds = []
-        for k in range(len(present)):
-            if not present[k]:
-                continue
+        for k in range(len(landmarks[0])):
             eligible = [i for i in range(n) if labels[i] == cls and visible[i][k]]
+            if not eligible:
+                continue  # the filter's class never shows this part: not one of its landmarks
             eligible.sort(key=lambda i: (-peak[i], i))
             top = eligible[:top_k]
             if len(top) < 2:
@@ -96,6 +95,24 @@ def test_sparse_landmark_drops_the_filter_only_under_official():
     kept = evaluate(_identity_model(), batch, protocol="paper", **args)["layers"]["0"]
     assert official["per_filter"] == [None] and official["dropped_filters"] == 1
     assert kept["per_filter"][0] > 0 and kept["dropped_filters"] == 0
+
+
+def test_a_part_the_filters_class_never_shows_drops_nothing():
+    # class 0 shows both parts; class 1 has no part 1 at all (a glider has no leg): its filter is kept
+    maps = torch.zeros(4, 2, S, S)
+    maps[:2, 0, 1, 1] = torch.tensor([4.0, 3.0])  # filter 0 fires on class 0
+    maps[2:, 1, 2, 2] = torch.tensor([4.0, 3.0])  # filter 1 fires on class 1
+    maps[3, 1, 4, 4] = 5.0
+    landmarks = torch.full((4, 2, 2), 1.5)
+    visible = torch.tensor([[True, True], [True, True], [True, False], [True, False]])
+    batch = [{"image": maps, "label": torch.tensor([0, 0, 1, 1]), "landmarks": landmarks, "visible": visible,
+              "index": torch.arange(4)}]
+    out = evaluate(_identity_model(), batch, layers=["0"], classes=["a", "b"], landmark_names=["p", "q"],
+                   image_size=S, protocol="official", class_rule="released")["layers"]["0"]
+    assert out["filter_category"] == [0, 1] and out["dropped_filters"] == 0
+    # filter 1 is measured on part 0 alone: peaks at cell (2, 2) and (4, 4), the part at (1.5, 1.5)
+    near, far = math.dist((1.5, 1.5), (2.5, 2.5)), math.dist((1.5, 1.5), (4.5, 4.5))
+    assert out["per_filter"][1] == pytest.approx(statistics.stdev([near, far]) / (S * math.sqrt(2.0)))
 
 
 def test_class_rules_on_a_constructed_case():
