@@ -65,7 +65,10 @@ def run_cell(recipe: Path, out: Path, arm: str, seed: int, sets: list[str], data
         "accuracy": res["accuracy"],
         "num_images": res["num_images"],
         "kappa0": res.get("kappa0"),
-        "layers": {name: {k: layer[k] for k in ("location_instability", "oracle_reference", "random_reference")}
+        "protocol": res.get("protocol"),
+        "layers": {name: {k: layer.get(k) for k in ("location_instability", "oracle_reference", "random_reference",
+                                                   "landmark_tracking", "dropped_filters", "num_filters",
+                                                   "measured_at")}
                    for name, layer in res["layers"].items()},
     }
 
@@ -119,8 +122,27 @@ def table(cells: list[dict], summary: dict, arms: list[str]) -> str:
                                   for n in layers) + " |")
     ref = cells[0]["layers"][layers[0]]
     lines += ["", f"References on {cells[0]['num_images']} images: oracle {ref['oracle_reference']:.4f}, "
-                  f"random {ref['random_reference']:.4f}."]
+                  f"random {ref['random_reference']:.4f}. Protocol `{cells[0].get('protocol')}`; measured at "
+                  + ", ".join(f"{n}: {cells[0]['layers'][n]['measured_at']}" for n in layers) + "."]
+    lines += ["", tracking_table(cells, arms, layers)]
     return "\n".join(lines) + "\n"
+
+
+def tracking_table(cells: list[dict], arms: list[str], layers: list[str]) -> str:
+    """How many filters track each landmark (their nearest on average), mean over seeds, and how many were dropped."""
+    names = list(cells[0]["layers"][layers[0]]["landmark_tracking"] or {})
+    lines = ["| layer | arm | " + " | ".join(names) + " | dropped (sparse landmark) |",
+             "|---|---|" + "---|" * (len(names) + 1)]
+    for layer in layers:
+        for arm in arms:
+            own = [c["layers"][layer] for c in cells if c["arm"] == arm]
+            if not own:
+                continue
+            counts = [statistics.fmean((o["landmark_tracking"] or {}).get(n, 0) for o in own) for n in names]
+            lines.append(f"| {layer} | {arm} | " + " | ".join(f"{v:.1f}" for v in counts)
+                         + f" | {statistics.fmean(o['dropped_filters'] or 0 for o in own):.1f} of "
+                           f"{own[0]['num_filters']} |")
+    return "Filters tracking each landmark (mean over seeds):\n\n" + "\n".join(lines)
 
 
 def plot(cells: list[dict], arms: list[str], path: Path) -> None:
