@@ -63,13 +63,20 @@ def _prune_and_export(recipe: Recipe, out: Path, progress: bool) -> dict:
     from .export import export_onnx
     from .prune import prune_run
 
+    from .analyze import analyze_run
+
     pruned = out / "pruned"
     if not (pruned / "pruning.json").exists():  # written last by prune_run
+        # pruning chooses filters: it reads the validation split, never the test split the tables report
+        chooser = out / "icnn" / "analysis-val"
+        if not (chooser / "analysis.json").exists():
+            log.info("stage: analyse icnn on the validation split (for pruning)")
+            analyze_run(out / "icnn", out=chooser, split="val", gallery=False, progress=progress)
         settings = recipe.prune
         log.info("stage: prune to %g MACs (%s criterion, round_to %d) and recover %d epochs", settings.target_macs,
                  settings.criterion, settings.round_to, settings.recover_epochs)
         # the settings are passed, not left to the icnn run's stored recipe: a rerun with --set prune.* uses them
-        prune_run(out / "icnn", out=pruned, analysis=out / "icnn" / "analysis", target_macs=settings.target_macs,
+        prune_run(out / "icnn", out=pruned, analysis=chooser, target_macs=settings.target_macs,
                   criterion=settings.criterion, round_to=settings.round_to, floor=settings.floor,
                   recover_epochs=settings.recover_epochs, resume=(pruned / "history.json").exists(),
                   progress=progress)

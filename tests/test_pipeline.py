@@ -104,7 +104,7 @@ def test_pipeline_end_to_end_resumes_after_an_interrupt_and_skips_finished_stage
     # 2. The same command resumes: finished stages are not redone, the rest runs.
     calls, code, stdout, stderr = _spied_pipeline(monkeypatch, capsys, tiny_parts, out)
     assert code == 0, stderr
-    assert calls == ["compare_run", "prune_run", "export_onnx", "evaluate_run"]
+    assert calls == ["compare_run", "analyze_run", "prune_run", "export_onnx", "evaluate_run"]
 
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary) == ROWS
@@ -132,6 +132,9 @@ def test_pipeline_end_to_end_resumes_after_an_interrupt_and_skips_finished_stage
     # pruning: the recipe's target reached, fewer parameters, recovery run; its accuracies are the evaluations'
     pruning = json.loads((out / "pruned" / "pruning.json").read_text())
     assert pruning["criterion"] == "icnn" and pruning["target_macs"] == 0.5
+    # the filters to remove were chosen on the validation split, not on the test split the table reports
+    assert pruning["history"]["analysis"] == str(out / "icnn" / "analysis-val")
+    assert json.loads((out / "icnn" / "analysis-val" / "analysis.json").read_text())["summary"]["split"] == "val"
     assert pruning["macs_ratio"] <= pruning["target_macs"]
     assert pruning["macs"] <= pruning["target_macs"] * pruning["base_macs"]
     assert pruning["params"] < pruning["base_params"]
