@@ -64,6 +64,16 @@ _MAX_LISTED = 8
 # atomic files
 
 
+def _umasked_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file: 0666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_UMASKED_MODE = _umasked_mode()
+
+
 @contextmanager
 def _atomic_open(path: Path, mode: str) -> Iterator[IO[Any]]:
     """Yield a temp file next to ``path`` that replaces ``path`` only once fully written and synced."""
@@ -74,6 +84,7 @@ def _atomic_open(path: Path, mode: str) -> Iterator[IO[Any]]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _UMASKED_MODE)  # mkstemp makes the file 0600; a written file honours the umask instead
         os.replace(tmp, path)
     except BaseException:  # KeyboardInterrupt too: never leave a half-written temp file behind
         Path(tmp).unlink(missing_ok=True)

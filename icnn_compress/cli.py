@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import ICNNError
+from .errors import ICNNError, user_message
 from .protocol import PROTOCOLS
 
 __all__ = ["main"]
@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except ICNNError as exc:
-        print(f"icnn: error: {exc}", file=sys.stderr)
+        print(f"icnn: error: {user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("icnn: interrupted; rerun with --resume (pretrain, finetune, prune) or the same command (pipeline) "

@@ -25,3 +25,13 @@ class TrainingError(ICNNError):
 
 class ModelError(ICNNError, ValueError):
     """A model that cannot be built or made interpretable as asked (unknown architecture, layer, head)."""
+
+
+def user_message(exc: ICNNError) -> str:
+    """The message of ``exc`` for the command line, without the worker traceback that torch's DataLoader puts
+    before it when the error was raised in a worker process (some 25 lines that say nothing to a user)."""
+    text = str(exc)
+    if "\nOriginal Traceback" not in text:
+        return text
+    _, found, original = text.rpartition(f"{type(exc).__module__}.{type(exc).__qualname__}: ")
+    return f"{original.strip()} (raised in a DataLoader worker)" if found else text

@@ -48,7 +48,7 @@ from .distributed import (
     shard_indices,
     world_size,
 )
-from .errors import TrainingError
+from .errors import DatasetError, TrainingError
 from .kappa import R_BANDS, R_COLLAPSE, CollapseGuard, calibrate_kappa
 from .loss import FilterLoss
 from .surgery import build_base_model, build_model, make_interpretable
@@ -56,6 +56,7 @@ from .surgery import build_base_model, build_model, make_interpretable
 __all__ = ["ARMS", "build_for_recipe", "calibrate", "finetune", "load_run_model", "pretrain", "resolve_device"]
 
 log = logging.getLogger(__name__)
+_MAX_NAMED = 8  # classes named in a warning
 
 ARMS = ("icnn", "masks-only", "baseline")
 
@@ -214,6 +215,14 @@ def _setup(recipe: Recipe, progress: bool) -> _Setup:
     if is_main():
         barrier()
     # After the barrier: every rank sees the same split and raises together, none is left waiting.
+    if len(train_data) == 0:
+        raise DatasetError(f"the train split of {train_data.root} has no image (train_test_split.txt "
+                           "marks none with 1): there is nothing to train on")
+    absent = sorted(set(range(len(train_data.classes))) - set(train_data.labels.tolist()))
+    if absent and is_main():
+        log.warning("%d of %d classes have no training image (%s): the model never sees them and their "
+                    "filters get no positive image", len(absent), len(train_data.classes),
+                    ", ".join(train_data.classes[c] for c in absent[:_MAX_NAMED]))
     if len(val_data) == 0:
         raise TrainingError(f"the validation split of {recipe.data.root} is empty (data.val_fraction = "
                             f"{recipe.data.val_fraction}); raise data.val_fraction")

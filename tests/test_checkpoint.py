@@ -80,6 +80,15 @@ def test_interrupted_save_keeps_old_file(tmp_path: Path, monkeypatch: pytest.Mon
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
 
 
+def test_atomic_files_honour_the_umask_like_open(tmp_path: Path) -> None:
+    # mkstemp alone would leave every model.pt and JSON file readable by its owner only (0600)
+    atomic_write_text(tmp_path / "a.json", "{}")
+    atomic_save({"x": 1}, tmp_path / "b.pt")
+    (tmp_path / "c.txt").write_text("plain open")
+    expected = (tmp_path / "c.txt").stat().st_mode & 0o777
+    assert [(tmp_path / n).stat().st_mode & 0o777 for n in ("a.json", "b.pt")] == [expected, expected]
+
+
 def test_atomic_write_text_and_jsonl(tmp_path: Path) -> None:
     atomic_write_text(tmp_path / "r.toml", "a = 'é'\n")
     assert (tmp_path / "r.toml").read_text(encoding="utf-8") == "a = 'é'\n"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch
 import icnn_compress.train
 
 from icnn_compress.checkpoint import atomic_save, load_model_file
-from icnn_compress.errors import CheckpointError, TrainingError
+from icnn_compress.errors import CheckpointError, DatasetError, TrainingError
 from icnn_compress.evaluate import evaluate_run
 from icnn_compress.surgery import build_base_model
 from icnn_compress.train import finetune, load_run_model, lr_at, pretrain
@@ -75,6 +77,31 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     kept = torch.load(run / "last.pt", weights_only=True)
     assert kept["epoch"] == 1
     assert all(torch.equal(kept["model"][k], v) for k, v in good["model"].items())
+
+
+def _with_split(tiny_parts, tmp_path, is_train):
+    """A copy of the tiny parts set whose train/test flags are ``is_train(image_id, class_id)``."""
+    root = tmp_path / "parts"
+    shutil.copytree(tiny_parts, root)
+    labels = dict(line.split() for line in (root / "image_class_labels.txt").read_text().splitlines())
+    (root / "train_test_split.txt").write_text(
+        "".join(f"{i} {int(is_train(int(i), int(c)))}\n" for i, c in labels.items()))
+    return root
+
+
+def test_an_empty_train_split_is_refused_before_any_model_is_built(tiny_recipe, tiny_parts, tmp_path):
+    root = _with_split(tiny_parts, tmp_path, lambda i, c: False)
+    with pytest.raises(DatasetError, match=r"train split of .*parts has no image"):
+        finetune(tiny_recipe(f"data.root={root}"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_class_with_no_training_image_is_named_in_a_warning(tiny_recipe, tiny_parts, tmp_path, caplog):
+    root = _with_split(tiny_parts, tmp_path, lambda i, c: c != 4)
+    with caplog.at_level(logging.WARNING, logger="icnn_compress.train"):
+        finetune(tiny_recipe(f"data.root={root}", "train.epochs=1"), tmp_path / "run", arm="baseline",
+                 progress=False)
+    assert "1 of 4 classes have no training image (spiker)" in caplog.text
 
 
 def test_checkpoint_for_another_architecture_names_keys_and_fix(tiny_recipe, tmp_path):

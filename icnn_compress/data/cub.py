@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.models import VGG16_Weights
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from icnn_compress.data._image import open_image
 from icnn_compress.data._layout import ANNOTATION_FILES, PART_MASKS_FILE
 from icnn_compress.errors import DatasetError
 
@@ -239,14 +239,6 @@ class CubDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def _open(self, file: Path, mode: str) -> Image.Image:
-        try:
-            with Image.open(file) as img:
-                img.load()  # decode now, so a truncated file fails here and not later
-                return img.convert(mode)
-        except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three for broken files
-            raise DatasetError(f"cannot read image {file}: {err}") from err
-
     def _crop(self, i: int, width: int, height: int) -> tuple[int, int, int, int]:
         """Return the crop (left, top, w, h) in whole pixels."""
         if not self.crop_to_box:
@@ -265,7 +257,7 @@ class CubDataset(torch.utils.data.Dataset):
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for a dataset of {len(self)} images")
         s = self.image_size
-        img = self._open(self.image_paths[i], "RGB")
+        img = open_image(self.image_paths[i], "RGB")
         left, top, cw, ch = self._crop(i, img.width, img.height)
         image = F.pil_to_tensor(img)  # (3, H, W) uint8
         image = F.resized_crop(image, top, left, ch, cw, [s, s], antialias=True)
@@ -286,7 +278,7 @@ class CubDataset(torch.utils.data.Dataset):
         if self.has_part_masks:
             masks = torch.zeros(len(self.landmark_names), s, s, dtype=torch.bool)  # (K, S, S)
             for kk, file in self._masks[i].items():
-                mask = F.pil_to_tensor(self._open(file, "L"))  # (1, H, W)
+                mask = F.pil_to_tensor(open_image(file, "L"))  # (1, H, W)
                 if mask.shape[-2:] != (img.height, img.width):
                     raise DatasetError(
                         f"mask {file} is {mask.shape[-1]}x{mask.shape[-2]} but its image "
