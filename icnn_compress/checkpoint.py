@@ -360,7 +360,7 @@ def load_state_dict_checked(
             keys = ", ".join(f"{k} (checkpoint {a} vs model {b})" for k, (a, b) in mismatched.items())
             raise CheckpointError(
                 f"{source}: checkpoint has {head[0]} classes but the model has {head[1]} ({keys}); "
-                "pass --reset-head (model.reset_head = true) to replace the classifier"
+                "pass --set model.reset_head=true to replace the classifier"
             )
         lines = [f"  missing from the checkpoint: {k} (model {_shape(ours[k])})" for k in missing]
         lines += [f"  not in the model: {k} (checkpoint {_shape(theirs[k])})" for k in unexpected]

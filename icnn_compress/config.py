@@ -41,9 +41,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _choices(*values: str, default: Any = dataclasses.MISSING) -> Any:
-    """A field whose string values must be one of ``values`` (numbers/None still go through the type)."""
-    return field(default=default, metadata={"choices": values})
+_POSITIVE = (0.0, math.inf, True, True)  # an interval (low, high, open_low, open_high): finite and > 0
+
+
+def _choices(*values: str, default: Any = dataclasses.MISSING, number: tuple | None = None) -> Any:
+    """A field whose string values must be one of ``values``; a number, where the type allows one, must lie in
+    the interval ``number`` (low, high, open_low, open_high)."""
+    return field(default=default, metadata={"choices": values, **({"interval": number} if number else {})})
 
 
 def _at_least(bound: float, default: Any) -> Any:
@@ -54,6 +58,16 @@ def _at_least(bound: float, default: Any) -> Any:
 def _within(low: float, high: float, default: Any, *, open_low: bool = False, open_high: bool = False) -> Any:
     """A numeric field inside the interval from ``low`` to ``high`` (each end included unless ``open_*``)."""
     return field(default=default, metadata={"interval": (low, high, open_low, open_high)})
+
+
+def _positive(default: float) -> Any:
+    """A float field that must be finite and > 0 (a learning rate: 0 trains nothing, inf diverges)."""
+    return _within(0.0, math.inf, default, open_low=True, open_high=True)
+
+
+def _finite(default: float) -> Any:
+    """A float field that must be finite and >= 0."""
+    return _within(0.0, math.inf, default, open_high=True)
 
 
 def _interval_holds(value: float, low: float, high: float, open_low: bool, open_high: bool) -> bool:
@@ -110,11 +124,11 @@ class DataConfig:
 class TrainConfig:
     """The interpretable fine-tuning run."""
 
-    epochs: int = _at_least(0, 10)
+    epochs: int = _at_least(1, 10)  # 0 would save the untrained model as a run
     batch_size: int = _at_least(1, 32)
     optimizer: str = _choices("sgd", "adamw", default="sgd")
-    lr: float = _at_least(0.0, 1e-2)
-    lr_end: float = _at_least(0.0, 1e-3)
+    lr: float = _positive(1e-2)
+    lr_end: float = _finite(1e-3)
     # "paper": logspace lr -> lr_end over `schedule_epochs`, then lr_end
     schedule: str = _choices("constant", "cosine", "paper", default="cosine")
     schedule_epochs: int = _at_least(1, 10)
@@ -134,8 +148,8 @@ class PretrainConfig:
     """The plain training that makes the quickstart's "existing checkpoint" (0 epochs: skipped)."""
 
     epochs: int = _at_least(0, 0)
-    lr: float = _at_least(0.0, 1e-2)
-    lr_end: float = _at_least(0.0, 1e-3)
+    lr: float = _positive(1e-2)
+    lr_end: float = _finite(1e-3)
     optimizer: str = _choices("sgd", "adamw", default="sgd")
 
 
@@ -144,9 +158,10 @@ class ICNNConfig:
     """The filter loss of Zhang, Wu, Zhu, "Interpretable Convolutional Neural Networks", CVPR 2018."""
 
     peak: str = _choices("centroid", "argmax", default="centroid")  # released code | paper
-    beta: str | float = _choices("learned", default="learned")  # or a fixed value in the paper's cell units
+    beta: str | float = _choices("learned", default="learned", number=_POSITIVE)  # or a fixed value, the paper's cells
     loss: str = _choices("reference", "mutual-information", default="reference")
-    kappa: str | float = _choices("auto", default="auto")  # or a number (per epoch 1, divided by the epoch)
+    # or a number >= 0 (at epoch 1, divided by the epoch; a negative one would invert the loss)
+    kappa: str | float = _choices("auto", default="auto", number=(0.0, math.inf, False, True))
     a: float = 0.5
     guard: bool = False
     category_momentum: float = 0.9
@@ -305,7 +320,7 @@ def _from_dict(cls: type, data: Any, *, prefix: str, source: str) -> Any:
         if bound is not None and value is not None and not value >= bound:
             raise RecipeError(f"{source}: '{dotted}' must be >= {bound}, got {value!r}")
         interval = f.metadata.get("interval")
-        if interval is not None and value is not None and not _interval_holds(value, *interval):
+        if interval is not None and isinstance(value, int | float) and not _interval_holds(value, *interval):
             raise RecipeError(f"{source}: '{dotted}' must be in {_interval_text(*interval)}, got {value!r}")
         kwargs[name] = value
     return cls(**kwargs)
@@ -319,6 +334,13 @@ def recipe_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> Recipe:
         source: named in error messages (the file path, or ``--set`` for overrides).
     """
     recipe = _from_dict(Recipe, d, prefix="", source=source)
+    data = recipe.data
+    for key in ("mean", "std"):  # images are read as RGB: one value per channel
+        if len(getattr(data, key)) != 3:
+            raise RecipeError(f"{source}: 'data.{key}' needs 3 values (R, G, B; images are read as RGB), got "
+                              f"{getattr(data, key)!r}")
+    if not all(0.0 < v < math.inf for v in data.std):
+        raise RecipeError(f"{source}: 'data.std' must be finite and > 0 (it divides every pixel), got {data.std!r}")
     icnn = recipe.icnn
     if icnn.task == "single-category" and not icnn.object:
         raise RecipeError(f"{source}: icnn.task = 'single-category' needs icnn.object, the class that is the "

@@ -251,7 +251,7 @@ def _replace_head(
     if last.out_features != num_classes and not (reset or spec.paper_head):
         raise ModelError(
             f"the model's head has {last.out_features} classes but the task has {num_classes}; "
-            "pass --reset-head (model.reset_head = true)"
+            "pass --set model.reset_head=true"
         )
     if spec.paper_head or last.out_features != num_classes or filters != channels:
         in_features = first.in_features * filters // channels

@@ -80,7 +80,11 @@ def resolve_device(name: str) -> torch.device:
     """``"auto"`` → CUDA when available, else CPU; anything else as torch spells it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"train.device is {name!r}, which is not a device torch knows: use 'auto', 'cpu' "
+                            "or 'cuda[:N]'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"train.device is {name!r} but no CUDA device is available; use 'cpu' or 'auto'")
     return device
@@ -267,7 +271,7 @@ def build_for_recipe(recipe: Recipe, *, arm: str, classes: list[str], image_size
 
 
 def _head_keys(model: nn.Module) -> list[str]:
-    """State-dict keys of the model's last Linear (or last parameterised) layer: what --reset-head frees."""
+    """State-dict keys of the model's last Linear (or last parameterised) layer: what model.reset_head frees."""
     last = [n for n, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))][-1]
     return [f"{last}.weight", f"{last}.bias"]
 

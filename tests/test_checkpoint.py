@@ -232,7 +232,7 @@ def test_different_class_count() -> None:
         match=re.escape(
             "ckpt.pth: checkpoint has 10 classes but the model has 4 "
             "(fc.weight (checkpoint (10, 512) vs model (4, 512)), fc.bias (checkpoint (10,) vs model (4,))); "
-            "pass --reset-head (model.reset_head = true)"
+            "pass --set model.reset_head=true"
         ),
     ):
         load_state_dict_checked(model, sd, source="ckpt.pth")
@@ -277,7 +277,7 @@ def test_shape_mismatch_inside_the_network_is_not_a_head_problem() -> None:
     message = r"shape: 0\.weight \(checkpoint \(5, 3, 3, 3\) vs model \(4, 3, 3, 3\)\)"
     with pytest.raises(CheckpointError, match=message) as info:
         load_state_dict_checked(tiny_net(), sd, source="c.pth")
-    assert "another architecture" in str(info.value) and "--reset-head" not in str(info.value)
+    assert "another architecture" in str(info.value) and "reset_head" not in str(info.value)
 
 
 # --- run directories and model files -----------------------------------------------------------------------

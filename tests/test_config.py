@@ -158,6 +158,14 @@ def test_wrong_type(tmp_path: Path, text: str, message: str) -> None:
         ("[prune]\nfloor = 0.0\n", r"'prune.floor' must be in \(0, 1\), got 0.0"),
         ("[prune]\nround_to = 0\n", r"'prune.round_to' must be >= 1, got 0"),
         ("[prune]\nrecover_epochs = -1\n", r"'prune.recover_epochs' must be >= 0, got -1"),
+        ("[train]\nepochs = 0\n", r"'train.epochs' must be >= 1, got 0"),
+        ("[train]\nlr = inf\n", r"'train.lr' must be in \(0, inf\), got inf"),
+        ("[train]\nlr = 0\n", r"'train.lr' must be in \(0, inf\), got 0.0"),
+        ("[pretrain]\nlr_end = nan\n", r"'pretrain.lr_end' must be in \[0, inf\), got nan"),
+        ("[icnn]\nkappa = -1\n", r"'icnn.kappa' must be in \[0, inf\), got -1.0"),
+        ("[icnn]\nbeta = -2\n", r"'icnn.beta' must be in \(0, inf\), got -2.0"),
+        ("[data]\nmean = [0.5, 0.5]\n", r"'data.mean' needs 3 values \(R, G, B; images are read as RGB\)"),
+        ("[data]\nstd = [0.2, 0.0, 0.2]\n", r"'data.std' must be finite and > 0"),
     ],
 )
 def test_bad_enum_or_bound(tmp_path: Path, text: str, message: str) -> None:
@@ -246,11 +254,11 @@ def test_round_trip_toml(tmp_path: Path) -> None:
 
 
 @given(
-    epochs=st.integers(0, 10**6),
-    lr=st.floats(0, 10, allow_nan=False),
-    mean=st.lists(st.floats(-1e6, 1e6, allow_nan=False), max_size=4),
+    epochs=st.integers(1, 10**6),
+    lr=st.floats(1e-12, 10),
+    mean=st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=3, max_size=3),
     root=st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=20),
-    kappa=st.one_of(st.just("auto"), st.floats(allow_nan=False)),
+    kappa=st.one_of(st.just("auto"), st.floats(0, 1e30)),
 )
 def test_round_trip_property(epochs: int, lr: float, mean: list[float], root: str, kappa: str | float) -> None:
     recipe = Recipe(
@@ -269,7 +277,7 @@ def test_dict_round_trip_and_source_in_errors() -> None:
     assert d["train"]["epochs"] == 10 and d["model"]["weights"] is None
     assert recipe_from_dict(d) == recipe
     d["train"]["epochs"] = -1
-    with pytest.raises(RecipeError, match=r"^runs/a/recipe.toml: 'train.epochs' must be >= 0, got -1$"):
+    with pytest.raises(RecipeError, match=r"^runs/a/recipe.toml: 'train.epochs' must be >= 1, got -1$"):
         recipe_from_dict(d, source="runs/a/recipe.toml")
 
 

@@ -89,7 +89,7 @@ def test_user_cnn_needs_its_top_layer_and_keeps_its_head():
 
 def test_head_mismatch_asks_for_reset_head():
     model = build_base_model("resnet18", num_classes=10)
-    with pytest.raises(ValueError, match="head has 10 classes but the task has 4; pass --reset-head"):
+    with pytest.raises(ValueError, match="head has 10 classes but the task has 4; pass --set model.reset_head=true"):
         make_interpretable(model, arch="resnet18", num_classes=4, image_size=SIZE)
 
 

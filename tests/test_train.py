@@ -15,7 +15,7 @@ from icnn_compress.checkpoint import atomic_save, load_model_file
 from icnn_compress.errors import CheckpointError, DatasetError, TrainingError
 from icnn_compress.evaluate import evaluate_run
 from icnn_compress.surgery import build_base_model
-from icnn_compress.train import finetune, load_run_model, lr_at, pretrain
+from icnn_compress.train import finetune, load_run_model, lr_at, pretrain, resolve_device
 
 
 def _records(run):
@@ -114,7 +114,7 @@ def test_checkpoint_for_another_architecture_names_keys_and_fix(tiny_recipe, tmp
 def test_checkpoint_with_other_class_count_asks_for_reset_head(tiny_recipe, tmp_path):
     path = tmp_path / "ten.pth"
     atomic_save(build_base_model("icnn_compress.zoo:small_cnn", num_classes=10).state_dict(), path)
-    with pytest.raises(CheckpointError, match="10 classes but the model has 4.*--reset-head"):
+    with pytest.raises(CheckpointError, match="10 classes but the model has 4.*--set model.reset_head=true"):
         finetune(tiny_recipe(f"model.checkpoint={path}"), tmp_path / "run", progress=False)
 
 
@@ -146,6 +146,12 @@ def test_an_interrupted_pretrain_resumes_to_the_same_weights(tiny_recipe, tmp_pa
     assert [r["epoch"] for r in _records(tmp_path / "split")] == [1, 2]
     for key, value in straight.items():
         assert torch.allclose(value.float(), resumed[key].float(), atol=1e-6), key
+
+
+def test_a_device_torch_does_not_know_is_a_clear_error():
+    with pytest.raises(TrainingError, match=r"^train.device is 'banana', which is not a device torch knows"):
+        resolve_device("banana")
+    assert resolve_device("cpu") == torch.device("cpu")
 
 
 def test_learning_rate_schedules():
