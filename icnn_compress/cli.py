@@ -38,7 +38,7 @@ def _cmd_make_dataset(args: argparse.Namespace) -> int:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from .train import pretrain
 
-    path = pretrain(_recipe(args), args.out, resume=args.resume, progress=not args.quiet)
+    path = pretrain(_recipe(args), args.out, resume=args.resume, force=args.force, progress=not args.quiet)
     print(f"wrote the plain checkpoint {path}")
     return 0
 
@@ -49,7 +49,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if args.baseline and args.masks_only:
         raise ICNNError("--baseline and --masks-only are two different arms: pass one")
     arm = "baseline" if args.baseline else "masks-only" if args.masks_only else "icnn"
-    record = finetune(_recipe(args), args.out, arm=arm, resume=args.resume, progress=not args.quiet)
+    record = finetune(_recipe(args), args.out, arm=arm, resume=args.resume, force=args.force,
+                      progress=not args.quiet)
     print(f"{arm}: epoch {record.get('epoch')} val acc {record.get('val_acc', float('nan')):.2f}% -> {args.out}/model.pt")
     return 0
 
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_recipe(p)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--force", action="store_true",
+                   help="replace another training's files in OUT; with --resume, go on with changed settings")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("finetune", help="fine-tune a checkpoint into an interpretable CNN")
@@ -175,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="run directory")
     p.add_argument("--baseline", action="store_true", help="same architecture, masks inactive, no filter loss")
     p.add_argument("--masks-only", action="store_true", help="masks active, kappa = 0")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt (same arm, data, schedule)")
+    p.add_argument("--force", action="store_true",
+                   help="replace another run's files in RUN; with --resume, go on with changed settings")
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("evaluate", help="accuracy and location instability of a run")

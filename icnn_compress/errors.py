@@ -23,6 +23,10 @@ class TrainingError(ICNNError):
     """Training stopped on purpose: a NaN loss, a collapsed model, an interrupted resume."""
 
 
+class RunFolderError(ICNNError):
+    """A run folder in use by another process, holding another run's files, or not writable."""
+
+
 class ModelError(ICNNError, ValueError):
     """A model that cannot be built or made interpretable as asked (unknown architecture, layer, head)."""
 

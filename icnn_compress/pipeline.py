@@ -40,7 +40,8 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, arms: tuple[str, ...] = ("b
         plain = out / "plain" / "model.pth"
         if not plain.exists():
             log.info("stage: plain training (%d epochs)", recipe.pretrain.epochs)
-            pretrain(recipe, plain.parent, resume=(plain.parent / "last.pt").exists(), progress=progress)
+            resume = (plain.parent / "last.pt").exists()  # else an unfinished stage of this pipeline: redone
+            pretrain(recipe, plain.parent, resume=resume, force=not resume, progress=progress)
         recipe = _with_checkpoint(recipe, plain)
     results = {}
     for arm in arms:
@@ -49,7 +50,8 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, arms: tuple[str, ...] = ("b
         run = out / arm
         if not (run / "model.pt").exists():
             log.info("stage: fine-tune %s", arm)
-            finetune(recipe, run, arm=arm, resume=(run / "last.pt").exists(), progress=progress)
+            resume = (run / "last.pt").exists()
+            finetune(recipe, run, arm=arm, resume=resume, force=not resume, progress=progress)
         results[arm] = _evaluated(run, progress)
     if {"icnn", "baseline"} <= set(results):
         _analyse(out, progress)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,9 +51,10 @@ from .distributed import (
     shard_indices,
     world_size,
 )
-from .errors import DatasetError, TrainingError
+from .errors import CheckpointError, DatasetError, TrainingError
 from .kappa import R_BANDS, R_COLLAPSE, CollapseGuard, calibrate_kappa
 from .loss import FilterLoss
+from .run_folder import check_same_run, claim_folder, locked
 from .surgery import build_base_model, build_model, make_interpretable
 
 __all__ = ["ARMS", "build_for_recipe", "calibrate", "finetune", "load_run_model", "pretrain", "resolve_device"]
@@ -424,19 +428,46 @@ def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids, output_device=device.index if ids else None)
 
 
-def _check_resume(run: RunDir, resume: bool, what: str) -> None:
-    """Refuse to overwrite a run's ``last.pt`` without ``resume``, and to resume without one."""
-    if run.last_path.exists() and not resume:
-        raise TrainingError(f"{run.path} holds an unfinished or finished {what} (last.pt); pass --resume to "
-                            "continue it or choose another --out")
-    if resume and not run.last_path.exists():
-        raise TrainingError(f"--resume: {run.path} has no last.pt to resume from")
+# A folder holding any of these holds another run: refused unless resumed (or replaced with --force).
+_RUN_FILES = ("model.pt", "last.pt", "metrics.jsonl")
+_PLAIN_FILES = ("model.pth", "last.pt", "metrics.jsonl")
+
+
+@contextlib.contextmanager
+def _writing(run: RunDir, command: str, files: tuple[str, ...], *, resume: bool, force: bool, what: str):
+    """Hold the run folder's lock (the launching rank only) and claim the folder for this command."""
+    if os.environ.get("RANK", "0") != "0":  # torchrun's other ranks: rank 0 holds the lock and writes
+        yield
+        return
+    with locked(run.path, command):
+        claim_folder(run.path, files, resume=resume, force=force, what=what)
+        if resume and not run.last_path.exists():
+            raise TrainingError(f"--resume: {run.path} has no last.pt to resume from")
+        yield
+
+
+def _settings(recipe: Recipe, arm: str, schedule: Any) -> dict[str, Any]:
+    """What makes a run that run: a --resume must ask for the same arm, data and schedule."""
+    d = recipe.data
+    return {"arm": arm, "data.root": d.root, "data.image_size": d.image_size, "data.limit_train": d.limit_train,
+            "data.val_fraction": d.val_fraction, "data.val_seed": d.val_seed, "data.crop_to_box": d.crop_to_box,
+            "train.batch_size": recipe.train.batch_size, "train.seed": recipe.train.seed,
+            **{f"schedule.{k}": v for k, v in dataclasses.asdict(schedule).items()
+               if k in ("epochs", "optimizer", "lr", "lr_end", "schedule", "schedule_epochs")}}
 
 
 def _resume(run: RunDir, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-            stage: str) -> dict:
-    """Load ``last.pt`` into the model, optimiser and generators; drop the metrics of epochs it does not hold."""
-    state = torch.load(run.last_path, map_location=device, weights_only=True)
+            stage: str, settings: dict[str, Any], force: bool) -> dict:
+    """Load ``last.pt`` into the model, optimiser and generators; drop the metrics of epochs it does not hold.
+
+    Refused when ``last.pt`` was written with other ``settings`` (another arm, data or schedule) unless ``force``.
+    """
+    try:
+        state = torch.load(run.last_path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, OSError) as exc:  # a truncated or overwritten file
+        raise CheckpointError(f"--resume: {run.last_path} cannot be read ({exc}); the run cannot continue from it: "
+                              "start again with --force") from None
+    check_same_run(state.get("settings"), settings, run.path, force=force)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_states(state)
@@ -446,14 +477,20 @@ def _resume(run: RunDir, model: nn.Module, optimizer: torch.optim.Optimizer, dev
     return state
 
 
-def pretrain(recipe: Recipe, out: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
+def pretrain(recipe: Recipe, out: str | Path, *, resume: bool = False, force: bool = False,
+             progress: bool = True) -> Path:
     """Train the recipe's plain architecture (no masks) with ``[pretrain]``; write ``model.pth`` (a state_dict).
 
     This makes the quickstart's "existing checkpoint", the way a user's own training would. Like
-    :func:`finetune`, it keeps ``last.pt`` after each complete epoch; ``resume=True`` continues from it.
+    :func:`finetune`, it keeps ``last.pt`` after each complete epoch; ``resume=True`` continues from it, and
+    a folder holding another training is refused unless ``force`` replaces it.
     """
     run = RunDir(Path(out))
-    _check_resume(run, resume, "plain training")
+    with _writing(run, "pretrain", _PLAIN_FILES, resume=resume, force=force, what="plain training"):
+        return _pretrain(recipe, run, resume, force, progress)
+
+
+def _pretrain(recipe: Recipe, run: RunDir, resume: bool, force: bool, progress: bool) -> Path:
     setup = _setup(recipe, progress)
     if is_main():
         run.ensure()
@@ -462,7 +499,8 @@ def pretrain(recipe: Recipe, out: str | Path, *, resume: bool = False, progress:
                                       weights=recipe.model.weights), setup)
     runner = _wrap_ddp(model, setup.device)
     optimizer = make_optimizer(model, p.optimizer, p.lr, recipe.train.momentum, recipe.train.weight_decay)
-    start = _resume(run, model, optimizer, setup.device, "pretrain")["epoch"] + 1 if resume else 1
+    settings = _settings(recipe, "plain", p)
+    start = _resume(run, model, optimizer, setup.device, "pretrain", settings, force)["epoch"] + 1 if resume else 1
     for epoch in range(start, p.epochs + 1):
         train_data, val_data = setup.loaders(recipe.train.seed + epoch)
         stats = _train_epoch(runner, None, optimizer, train_data, setup, epoch=epoch, epochs=p.epochs, kappa=0.0,
@@ -473,7 +511,7 @@ def pretrain(recipe: Recipe, out: str | Path, *, resume: bool = False, progress:
             append_jsonl(run.metrics_path, {"stage": "pretrain", **stats})
             log.info("pretrain epoch %d: %s", epoch, stats)
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                         **_rng_states(setup.device)}, run.last_path)
+                         "settings": settings, **_rng_states(setup.device)}, run.last_path)
     path = run.path / "model.pth"
     if is_main():
         atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
@@ -500,6 +538,7 @@ def finetune(
     *,
     arm: str = "icnn",
     resume: bool = False,
+    force: bool = False,
     progress: bool = True,
     model: nn.Module | None = None,
     architecture: dict | None = None,
@@ -508,7 +547,9 @@ def finetune(
     """Fine-tune the recipe's model as ``arm`` into run directory ``out``; return the final epoch's record.
 
     Writes ``recipe.toml`` (resolved), ``metrics.jsonl`` (one record per epoch), ``last.pt`` after each
-    complete epoch (atomic; ``resume=True`` continues from it) and ``model.pt`` at the end.
+    complete epoch (atomic; ``resume=True`` continues from it, with the arm, data and schedule that wrote it
+    unless ``force``) and ``model.pt`` at the end. The folder is locked while the run writes; one that holds
+    another run's files is refused unless ``force`` replaces them.
 
     Args:
         model, architecture: fine-tune this already built model (e.g. a pruned one, for recovery)
@@ -518,7 +559,12 @@ def finetune(
     if arm not in ARMS:
         raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
     run = RunDir(Path(out))
-    _check_resume(run, resume, "run")
+    with _writing(run, f"finetune {arm}", _RUN_FILES, resume=resume, force=force, what="run"):
+        return _finetune(recipe, run, arm, resume, force, progress, model, architecture, extra)
+
+
+def _finetune(recipe: Recipe, run: RunDir, arm: str, resume: bool, force: bool, progress: bool,
+              model: nn.Module | None, architecture: dict | None, extra: dict | None) -> dict:
     _check_beta_step(recipe, arm)
     if arm == "icnn" and recipe.icnn.loss == "mutual-information" and (
             recipe.icnn.peak != "argmax" or recipe.icnn.beta == "learned"):
@@ -540,12 +586,13 @@ def finetune(
     t = recipe.train
     optimizer = make_optimizer(model, t.optimizer, t.lr, t.momentum, t.weight_decay)
     filter_loss = _filter_loss(model, recipe)
+    settings = _settings(recipe, arm, t)
     start = 1
     kappa0: float
     calibration: dict | None = None
     record: dict = {}
     if resume:
-        state = _resume(run, model, optimizer, setup.device, "finetune")
+        state = _resume(run, model, optimizer, setup.device, "finetune", settings, force)
         start, kappa0, calibration = state["epoch"] + 1, state["kappa"], state.get("calibration")
         record = state.get("record", {})  # what model.pt keeps as "final" when every epoch had finished
         if start > t.epochs:
@@ -592,7 +639,8 @@ def finetune(
             except TrainingError as exc:
                 if not guard.enabled:
                     raise TrainingError(f"{exc}; the last good checkpoint is {run.last_path} (epoch {epoch - 1}): "
-                                        "lower train.lr or icnn.kappa and run again with --resume") from None
+                                        "lower train.lr or icnn.kappa and run again with --resume --force (it goes on with "
+                                        "the new settings)") from None
                 stats = {"train_loss": math.inf, "train_acc": 0.0}
             layers = _epoch_stats(filter_loss)
             # The bare, eager module: under DDP each rank runs a different number of eval batches and DDP's
@@ -626,7 +674,8 @@ def finetune(
                 log.info("epoch %d: loss %.4f acc %.2f val %.2f", epoch, stats["train_loss"], stats["train_acc"],
                          val_acc)
                 atomic_save({"model": good[0], "optimizer": good[1], "epoch": epoch, "kappa": kappa0,
-                             "calibration": calibration, "record": record, **_rng_states(setup.device)}, run.last_path)
+                             "calibration": calibration, "record": record, "settings": settings,
+                             **_rng_states(setup.device)}, run.last_path)
             epoch += 1
     guard.final_check(record)
     if not main:

@@ -13,6 +13,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+import icnn_compress.train
 from icnn_compress.analyze import analyze_run
 from icnn_compress.config import load_recipe
 from icnn_compress.mask import InterpretableMask
@@ -377,12 +378,22 @@ def test_resume_needs_an_interrupted_recovery_with_the_same_pruning(trained_run,
                   device="cpu", progress=False)
 
 
-def test_an_interrupted_recovery_resumes(trained_run, tmp_path):
+def test_an_interrupted_recovery_resumes(trained_run, tmp_path, monkeypatch):
     out = tmp_path / "r"
     settings = dict(criterion="l1", target_macs=0.7, steps=4, device="cpu", progress=False)
-    prune_run(trained_run, out=out, recover_epochs=1, **settings)
-    for name in ("model.pt", "pruning.json"):  # as if stopped after epoch 1 of 2
-        (out / name).unlink()
+    real, calls = icnn_compress.train._train_epoch, []
+
+    def stop_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(icnn_compress.train, "_train_epoch", stop_in_epoch_2)
+        with pytest.raises(KeyboardInterrupt):
+            prune_run(trained_run, out=out, recover_epochs=2, **settings)
+    assert not (out / "pruning.json").exists() and not (out / "model.pt").exists()
     record = prune_run(trained_run, out=out, recover_epochs=2, resume=True, **settings)
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2] and record["accuracy_recovered"] is not None

@@ -12,7 +12,7 @@ import torch
 import icnn_compress.train
 
 from icnn_compress.checkpoint import atomic_save, load_model_file
-from icnn_compress.errors import CheckpointError, DatasetError, TrainingError
+from icnn_compress.errors import CheckpointError, DatasetError, RunFolderError, TrainingError
 from icnn_compress.evaluate import evaluate_run
 from icnn_compress.surgery import build_base_model
 from icnn_compress.train import finetune, load_run_model, lr_at, pretrain, resolve_device
@@ -42,14 +42,24 @@ def test_icnn_run_writes_a_complete_run_directory(tiny_recipe, tmp_path):
     assert 0.0 <= result["accuracy"] <= 1.0 and result["location_instability"] >= 0
 
 
-def test_resume_continues_to_the_same_weights_as_one_run(tiny_recipe, tmp_path):
-    constant = "train.schedule=constant"  # the cosine schedule depends on train.epochs
+def test_resume_continues_to_the_same_weights_as_one_run(tiny_recipe, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
-    finetune(tiny_recipe(constant), straight, arm="masks-only", progress=False)
+    finetune(tiny_recipe(), straight, arm="masks-only", progress=False)
     split = tmp_path / "split"
-    finetune(tiny_recipe(constant, "train.epochs=1"), split, arm="masks-only", progress=False)
-    (split / "model.pt").unlink()  # as if interrupted after epoch 1
-    finetune(tiny_recipe(constant), split, arm="masks-only", resume=True, progress=False)
+    real, calls = icnn_compress.train.validate_filters, []
+
+    def stop_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(icnn_compress.train, "validate_filters", stop_in_epoch_2)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(tiny_recipe(), split, arm="masks-only", progress=False)
+    assert not (split / "model.pt").exists() and [r["epoch"] for r in _records(split)] == [1]
+    finetune(tiny_recipe(), split, arm="masks-only", resume=True, progress=False)
     assert [r["epoch"] for r in _records(split)] == [1, 2]
     a, _ = load_run_model(straight)
     b, _ = load_run_model(split)
@@ -60,7 +70,7 @@ def test_resume_continues_to_the_same_weights_as_one_run(tiny_recipe, tmp_path):
 def test_existing_run_needs_resume_and_resume_needs_a_run(tiny_recipe, tmp_path):
     run = tmp_path / "run"
     finetune(tiny_recipe("train.epochs=1"), run, arm="baseline", progress=False)
-    with pytest.raises(TrainingError, match="pass --resume"):
+    with pytest.raises(RunFolderError, match="pass --resume"):
         finetune(tiny_recipe(), run, arm="baseline", progress=False)
     with pytest.raises(TrainingError, match="no last.pt to resume from"):
         finetune(tiny_recipe(), tmp_path / "empty", arm="baseline", resume=True, progress=False)
@@ -73,7 +83,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     (run / "model.pt").unlink()
     with pytest.raises(TrainingError, match=r"NaN or infinite in epoch 2.*last good checkpoint.*epoch 1"):
         finetune(tiny_recipe("train.lr=1e30", "train.schedule=constant", "icnn.collapse_guard=false"), run,
-                 arm="icnn", resume=True, progress=False)
+                 arm="icnn", resume=True, force=True, progress=False)
     kept = torch.load(run / "last.pt", weights_only=True)
     assert kept["epoch"] == 1
     assert all(torch.equal(kept["model"][k], v) for k, v in good["model"].items())
@@ -93,7 +103,7 @@ def test_an_empty_train_split_is_refused_before_any_model_is_built(tiny_recipe, 
     root = _with_split(tiny_parts, tmp_path, lambda i, c: False)
     with pytest.raises(DatasetError, match=r"train split of .*parts has no image"):
         finetune(tiny_recipe(f"data.root={root}"), tmp_path / "run", progress=False)
-    assert not (tmp_path / "run").exists()
+    assert list((tmp_path / "run").iterdir()) == []  # the lock taken and given back, nothing written
 
 
 def test_a_class_with_no_training_image_is_named_in_a_warning(tiny_recipe, tiny_parts, tmp_path, caplog):
@@ -140,7 +150,7 @@ def test_an_interrupted_pretrain_resumes_to_the_same_weights(tiny_recipe, tmp_pa
         with pytest.raises(KeyboardInterrupt):
             pretrain(recipe, tmp_path / "split", progress=False)
     assert not (tmp_path / "split" / "model.pth").exists()
-    with pytest.raises(TrainingError, match="pass --resume"):
+    with pytest.raises(RunFolderError, match="pass --resume"):
         pretrain(recipe, tmp_path / "split", progress=False)
     resumed = torch.load(pretrain(recipe, tmp_path / "split", resume=True, progress=False), weights_only=True)
     assert [r["epoch"] for r in _records(tmp_path / "split")] == [1, 2]

@@ -159,7 +159,9 @@ def prune_run(
                                "resume with the same criterion, analysis, target and seed, or start afresh")
         atomic_write_text(planned, json.dumps(history))
         rec = _recovery_recipe(replace(recipe, data=data_cfg), saved, settings.recover_epochs)
-        finetune(rec, out_dir.path, arm=saved.get("arm", "icnn"), resume=resume_recovery, progress=progress,
+        # The checks above decided this folder is this pruning's: a recovery that is not resumed starts afresh.
+        finetune(rec, out_dir.path, arm=saved.get("arm", "icnn"), resume=resume_recovery,
+                 force=not resume_recovery, progress=progress,
                  model=model, architecture=saved["architecture"], extra={"pruning": history})
         # Recovery chose on its validation split; the reported accuracy is the test split's, as above.
         acc_recovered = validate(model, test, dev, amp=False, channels_last=False)
