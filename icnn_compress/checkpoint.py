@@ -31,6 +31,7 @@ __all__ = [
     "MODEL_FILE_FORMAT",
     "RunDir",
     "append_jsonl",
+    "atomic_path",
     "atomic_save",
     "atomic_write_text",
     "build_torchvision_model",
@@ -41,6 +42,7 @@ __all__ = [
     "load_torchvision_weights",
     "read_state_dict",
     "save_model_file",
+    "sha256_file",
     "trim_jsonl",
 ]
 
@@ -75,21 +77,35 @@ _UMASKED_MODE = _umasked_mode()
 
 
 @contextmanager
-def _atomic_open(path: Path, mode: str) -> Iterator[IO[Any]]:
-    """Yield a temp file next to ``path`` that replaces ``path`` only once fully written and synced."""
+def atomic_path(path: str | Path, *, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temp path next to ``path`` that replaces ``path``, synced, once the block ends without an error.
+
+    For writers that take a file name rather than a file object (``torch.onnx``'s ``save``, onnxruntime's
+    quantiser): readers see the old file or the complete new one, never half. ``suffix`` ends the temp name,
+    for writers that choose a format by the extension (``.onnx``).
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:  # the writer closed it, maybe without syncing
             os.fsync(f.fileno())
         os.chmod(tmp, _UMASKED_MODE)  # mkstemp makes the file 0600; a written file honours the umask instead
         os.replace(tmp, path)
     except BaseException:  # KeyboardInterrupt too: never leave a half-written temp file behind
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+@contextmanager
+def _atomic_open(path: Path, mode: str) -> Iterator[IO[Any]]:
+    """Yield a file open on a temp path next to ``path`` that replaces ``path`` only once fully written."""
+    with atomic_path(path) as tmp, open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        yield f
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -116,6 +132,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with _atomic_open(Path(path), "w") as f:
         f.write(text)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Return the hex sha256 of the file at ``path``, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
@@ -200,14 +225,6 @@ def _hash_prefix(name: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _install_offline_weights() -> list[tuple[Path, bool]]:
     """Return (cache path, copied now) for every weight file the installed offline packages provide."""
     done: list[tuple[Path, bool]] = []
@@ -227,7 +244,7 @@ def _install_offline_weights() -> list[tuple[Path, bool]]:
             done.append((target, False))
             continue
         expected = _hash_prefix(source.name)
-        if expected is not None and not _sha256(source).startswith(expected):
+        if expected is not None and not sha256_file(source).startswith(expected):
             raise CheckpointError(f"{source} is corrupt: its sha256 does not start with {expected}")
         with _atomic_open(target, "wb") as f, open(source, "rb") as src:
             shutil.copyfileobj(src, f)

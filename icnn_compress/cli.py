@@ -109,8 +109,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
 
     record = export_onnx(args.run, args.out, quantize=args.quantize, calibration=args.calibration,
-                         data_root=args.data)
+                         int8_agreement=args.int8_agreement, data_root=args.data)
     print(json.dumps(record, indent=2, default=str))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .export import verify_export
+
+    entry = verify_export(args.model, parity_json=args.parity)
+    print(f"{args.model}: sha256 {entry['sha256']} is the file its parity record checked, and the check passed")
     return 0
 
 
@@ -224,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_cmd_compare)
 
+    from .export import INT8_MIN_AGREEMENT
     from .prune import CRITERIA
 
     p = sub.add_parser("prune", help="remove silent and redundant filters (torch-pruning), then recover",
@@ -247,9 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="model.onnx")
     p.add_argument("--quantize", choices=["int8"], default=None)
     p.add_argument("--calibration", type=int, default=256, help="images for int8 calibration")
+    p.add_argument("--int8-agreement", type=float, default=INT8_MIN_AGREEMENT, metavar="F",
+                   help="fraction of test images on which int8 must give PyTorch's top-1 class "
+                        f"(default {INT8_MIN_AGREEMENT})")
     p.add_argument("--data", type=Path, default=None,
                    help="the run's dataset folder where it moved (the recipe's limits still apply)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("verify", help="check that MODEL.onnx is the file (sha256) whose parity check passed")
+    p.add_argument("model", type=Path, help="model.onnx or model.int8.onnx")
+    p.add_argument("--parity", type=Path, default=None, help="its parity record (default: parity.json beside it)")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("calibrate", help="run the kappa pilot alone and print R and the chosen kappa")
     with_recipe(p)

@@ -82,11 +82,26 @@ def _prune_and_export(recipe: Recipe, out: Path, progress: bool) -> dict:
                   criterion=settings.criterion, round_to=settings.round_to, floor=settings.floor,
                   recover_epochs=settings.recover_epochs, resume=(pruned / "history.json").exists(),
                   progress=progress)
-    parity = pruned / "parity.json"  # a failed check writes it too: only a passed one ends the stage
-    if not (parity.exists() and json.loads(parity.read_text()).get("passed") is True):
+    if not _exported(pruned / "model.onnx", pruned / "parity.json"):
         log.info("stage: ONNX export and parity")
-        export_onnx(pruned, pruned / "model.onnx", parity_json=parity)
+        export_onnx(pruned, pruned / "model.onnx", parity_json=pruned / "parity.json")
     return _evaluated(pruned, progress)
+
+
+def _exported(onnx: Path, parity: Path) -> bool:
+    """Whether ``parity`` records a passed check of exactly the bytes of ``onnx`` (its sha256).
+
+    A failed check writes parity.json too, and a kill or an edit can change model.onnx after a passed one:
+    neither ends the export stage.
+    """
+    from .export import VerifyError, verify_export
+
+    try:
+        verify_export(onnx, parity_json=parity)
+    except VerifyError as exc:
+        log.info("the export is not done: %s", exc)
+        return False
+    return True
 
 
 def _evaluated(run: Path, progress: bool) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import re
@@ -182,6 +183,17 @@ def test_pipeline_end_to_end_resumes_after_an_interrupt_and_skips_finished_stage
     assert calls == ["evaluate_run", "export_onnx"]
     assert json.loads((out / "baseline" / "evaluate.json").read_text()) == evaluated
     assert json.loads((out / "pruned" / "parity.json").read_text())["passed"] is True
+
+    # 5. A model.onnx changed after its check, at the same size, is not the file parity.json passed: exported again.
+    onnx_file = out / "pruned" / "model.onnx"
+    tampered = bytearray(onnx_file.read_bytes())
+    tampered[-1] ^= 0xFF
+    onnx_file.write_bytes(bytes(tampered))
+    calls, code, _, stderr = _spied_pipeline(monkeypatch, capsys, tiny_parts, out)
+    assert code == 0, stderr
+    assert calls == ["export_onnx"]
+    record = json.loads((out / "pruned" / "parity.json").read_text())
+    assert record["passed"] is True and record["sha256"] == hashlib.sha256(onnx_file.read_bytes()).hexdigest()
 
 
 def test_format_table_exact_text():
