@@ -63,7 +63,7 @@ def ort_session(path: str | Path, *, provider: Sequence[str] | None = None, thre
     return ort.InferenceSession(str(path), options, providers=with_options)
 
 
-def _load(run_or_model: str | Path | nn.Module, data_root: str | Path | None):
+def _load(run_or_model: str | Path | nn.Module, data_root: str | Path | None, trust_code: bool):
     """(model on CPU in eval mode, saved record or None, test split or None, train split or None)."""
     if isinstance(run_or_model, nn.Module):
         return run_or_model.cpu().eval(), None, None, None
@@ -71,7 +71,7 @@ def _load(run_or_model: str | Path | nn.Module, data_root: str | Path | None):
     from .data.recipe import open_split, relocate, task_object
     from .train import load_run_model
 
-    model, saved = load_run_model(run_or_model, device="cpu")
+    model, saved = load_run_model(run_or_model, device="cpu", trust_code=trust_code)
     recipe = recipe_from_dict(saved["recipe"], source=f"{run_or_model}/model.pt")
     data = relocate(recipe.data, data_root)
     obj = task_object(recipe.icnn)
@@ -201,6 +201,7 @@ def export_onnx(
     inputs: Tensor | None = None,
     tolerance: float = 1e-4,
     parity_json: str | Path | None = None,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Export a run's model (or a model) to ONNX at ``out``, check it, prove parity; return the ``parity.json`` record.
 
@@ -214,6 +215,7 @@ def export_onnx(
             for a run, the first 8 test images are used.
         tolerance: largest allowed max-abs difference of fp32 logits, at batch 1 and batch 8.
         parity_json: where the record goes (default ``parity.json`` next to ``out``).
+        trust_code: for a run, see :func:`~icnn_compress.train.load_run_model`.
 
     Raises:
         ParityError: ONNX Runtime differs from PyTorch by more than ``tolerance`` (after writing parity.json).
@@ -223,7 +225,7 @@ def export_onnx(
         raise ExportError(f"quantize must be None or 'int8', got {quantize!r}")
     out = Path(out)
     began = time.perf_counter()
-    model, saved, test, train = _load(run_or_model, data_root)
+    model, saved, test, train = _load(run_or_model, data_root, trust_code)
     if test is not None:
         images = _images(test, max(PARITY_BATCHES))
         source = "test split, images 0-7"
