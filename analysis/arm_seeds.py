@@ -56,7 +56,9 @@ def run_cell(recipe: Path, out: Path, arm: str, seed: int, sets: list[str], data
             args += [] if arm == "icnn" else [f"--{arm}"]
             args += ["--resume"] if (run / "last.pt").is_file() else []
             _icnn(*args)
-        _icnn("evaluate", str(run), "--json", str(result), *(["--data", str(data)] if data else []))
+        # --trust-code: the run is this study's own, fine-tuned above (or by its interrupted self) from the recipe
+        # the user passed, so the builder its model file names is the recipe's
+        _icnn("evaluate", str(run), "--json", str(result), "--trust-code", *(["--data", str(data)] if data else []))
         log.info("%s-s%d evaluated", arm, seed)
     res = json.loads(result.read_text())
     return {

@@ -36,11 +36,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--stats-threads", type=int, default=1,
                         help="analyze(stats_threads=...): threads of the statistics (0: the same as inference)")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="import the builder the run's model file names, as icnn --trust-code")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, saved = load_run_model(args.run, device="cpu")
+    model, saved = load_run_model(args.run, device="cpu", trust_code=args.trust_code)
     recipe = recipe_from_dict(saved["recipe"], source=f"{args.run}/model.pt")
     dataset = open_split(recipe.data, args.split, progress=False)
     batches = list(DataLoader(dataset, batch_size=args.batch_size, shuffle=True,

@@ -32,10 +32,10 @@ from icnn_compress.export import export_onnx, ort_session
 from icnn_compress.train import load_run_model
 
 
-def _export(run: Path, out: Path, quantize: str | None) -> dict:
+def _export(run: Path, out: Path, quantize: str | None, trust_code: bool) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):
         return export_onnx(run, out / "model.onnx", quantize=quantize, calibration=256,
-                           parity_json=out / "parity.json")
+                           parity_json=out / "parity.json", trust_code=trust_code)
 
 
 def main() -> None:
@@ -47,17 +47,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30, help="interleaved rounds")
     parser.add_argument("--inner", type=int, default=5, help="session.run calls timed together per round")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="import the builder the runs' model files name, as icnn --trust-code")
     args = parser.parse_args()
 
     out = args.out or args.pruned / "bench_export"
     out.mkdir(parents=True, exist_ok=True)
-    unpruned = _export(args.unpruned, out / "unpruned", None)
-    pruned = _export(args.pruned, out / "pruned", "int8")
+    unpruned = _export(args.unpruned, out / "unpruned", None, args.trust_code)
+    pruned = _export(args.pruned, out / "pruned", "int8", args.trust_code)
     files = {"unpruned": unpruned["onnx"], "pruned": pruned["onnx"], "pruned int8": pruned["int8"]["onnx"]}
     sessions = {name: ort_session(path, provider=["CPUExecutionProvider"], threads=args.threads or None)
                 for name, path in files.items()}
 
-    _, saved = load_run_model(args.unpruned)
+    _, saved = load_run_model(args.unpruned, trust_code=args.trust_code)
     test = open_split(recipe_from_dict(saved["recipe"]).data, "test", progress=False)
     images = np.stack([test[i % len(test)]["image"].numpy() for i in range(max(args.batches))]).astype(np.float32)
 

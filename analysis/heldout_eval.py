@@ -40,9 +40,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None,
                         help="folder of the held-out split (default: runs/data/fashion-canvas-heldout-N-sSEED)")
     parser.add_argument("--json", type=Path, default=None, help="write every result here")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="import the builder the runs' model files name, as icnn --trust-code")
     args = parser.parse_args()
     data = heldout_split(args.data, test_count=args.test_count, seed=args.seed)
-    results = [evaluate_run(run, data_root=data, progress=True) for run in args.runs]
+    results = [evaluate_run(run, data_root=data, progress=True, trust_code=args.trust_code) for run in args.runs]
     ref = results[0]
     print(f"\nheld-out fashion-canvas test split: {data} ({ref['num_images']} images)")
     layers = list(ref["layers"])

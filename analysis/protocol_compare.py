@@ -22,12 +22,13 @@ from icnn_compress.checkpoint import atomic_write_text
 from icnn_compress.protocol import PROTOCOLS
 
 
-def evaluated(run: Path, protocol: str) -> dict:
+def evaluated(run: Path, protocol: str, trust_code: bool) -> dict:
     """The run's test-split evaluation under ``protocol`` (computed once, then read back)."""
     path = run / f"eval-{protocol}.json"
     if not path.is_file():
         subprocess.run([sys.executable, "-m", "icnn_compress.cli", "-q", "evaluate", str(run), "--protocol",
-                        protocol, "--json", str(path)], check=True, capture_output=True)
+                        protocol, "--json", str(path), *(["--trust-code"] if trust_code else [])],
+                       check=True, capture_output=True)
     return json.loads(path.read_text())
 
 
@@ -35,6 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
+    parser.add_argument("--trust-code", action="store_true",
+                        help="import the builder the runs' model files name, as icnn --trust-code")
     args = parser.parse_args()
     runs = {}
     for run in sorted(args.folder.iterdir()):
@@ -47,7 +50,7 @@ def main() -> None:
     lines = ["| protocol | layer (measured at) | " + " | ".join(f"{a} ratio" for a in arms) + " | accuracy % (ICNN) |",
              "|---|---|" + "---|" * (len(arms) + 1)]
     for protocol in args.protocols:
-        res = {key: evaluated(run, protocol) for key, run in runs.items()}
+        res = {key: evaluated(run, protocol, args.trust_code) for key, run in runs.items()}
         base = res["baseline", seeds[0]]
         for layer, entry in base["layers"].items():
             ratios = []

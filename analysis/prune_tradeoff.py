@@ -32,7 +32,7 @@ from pathlib import Path
 from icnn_compress.prune import CRITERIA, prune_run
 
 
-def _analysis(run: Path, given: str | None, out: Path) -> Path:
+def _analysis(run: Path, given: str | None, out: Path, trust_code: bool) -> Path:
     if given:
         return Path(given)
     # Not the pipeline's <run>/analysis: that one is on the test split the table reports.
@@ -42,20 +42,20 @@ def _analysis(run: Path, given: str | None, out: Path) -> Path:
     from icnn_compress.analyze import analyze_run
 
     logging.info("analysing %s on the training split", run)
-    analyze_run(run, out=out / "analysis", split="train", gallery=False, device="cpu")
+    analyze_run(run, out=out / "analysis", split="train", gallery=False, device="cpu", trust_code=trust_code)
     return out / "analysis" / "analysis.json"
 
 
 _MEASURES = ("mean_exclusivity", "location_instability", "part_interpretability", "num_redundant")
 
 
-def _interpretability(run: Path, folder: Path) -> dict:
+def _interpretability(run: Path, folder: Path, trust_code: bool) -> dict:
     """Per masked layer: the analysis' headline measures of ``run`` on the test split (cached in ``folder``)."""
     path = folder / "analysis.json"
     if not path.is_file():
         from icnn_compress.analyze import analyze_run
 
-        analyze_run(run, out=folder, split="test", gallery=False, device="cpu")
+        analyze_run(run, out=folder, split="test", gallery=False, device="cpu", trust_code=trust_code)
     layers = json.loads(path.read_text())["summary"]["layers"]
     return {name: {k: layer.get(k) for k in ("num_filters", *_MEASURES)} for name, layer in layers.items()}
 
@@ -140,6 +140,8 @@ def main() -> None:
     parser.add_argument("--no-interpretability", action="store_true",
                         help="skip the analysis of every pruned run (accuracy only)")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="import the builder the run's model file names, as icnn --trust-code")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("icnn_compress.prune._graph", "icnn_compress.train"):
@@ -148,7 +150,8 @@ def main() -> None:
     run = args.folder / args.arm
     out = args.out or args.folder / "prune_tradeoff"
     out.mkdir(parents=True, exist_ok=True)
-    analysis = _analysis(run, args.analysis, out) if any(c.startswith("icnn") for c in args.criteria) else None
+    analysis = (_analysis(run, args.analysis, out, args.trust_code) if any(c.startswith("icnn") for c in args.criteria)
+                else None)
     records = []
     for target in args.targets:
         for crit in args.criteria:
@@ -162,10 +165,11 @@ def main() -> None:
                     rec = prune_run(run, out=cell, analysis=analysis, target_macs=target, criterion=crit,
                                     recover_epochs=args.recover_epochs, seed=seed, device="cpu",
                                     round_to=args.round_to, floor=args.floor,
-                                    resume=(cell / "last.pt").exists(), progress=not args.quiet)
+                                    resume=(cell / "last.pt").exists(), progress=not args.quiet,
+                                    trust_code=args.trust_code)
                 rec = {k: v for k, v in rec.items() if k != "history"} | {"seed": seed, "dir": str(cell)}
                 if not args.no_interpretability:
-                    rec["interpretability"] = _interpretability(cell, cell / "analysis")
+                    rec["interpretability"] = _interpretability(cell, cell / "analysis", args.trust_code)
                 logging.info("%s @ %.2f (seed %d): MACs %.3f, accuracy %.2f -> %.2f -> %s", crit, target, seed,
                              rec["macs_ratio"], rec["accuracy_unpruned"], rec["accuracy_pruned"],
                              rec["accuracy_recovered"])

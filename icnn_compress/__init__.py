@@ -6,7 +6,15 @@ The public API, stage by stage (data → surgery → fine-tune → evaluate → 
 from .checkpoint import load_model_file, read_state_dict, save_model_file
 from .config import Recipe, load_recipe, recipe_from_dict, recipe_to_dict, recipe_to_toml
 from .data import CubDataset, generate_fashion_canvas, generate_parts_dataset
-from .errors import CheckpointError, DatasetError, ICNNError, ModelError, RecipeError, TrainingError
+from .errors import (
+    CheckpointError,
+    DatasetError,
+    ICNNError,
+    ModelError,
+    RecipeError,
+    TrainingError,
+    UntrustedCodeError,
+)
 from .evaluate import evaluate, evaluate_run
 from .kappa import CollapseGuard, calibrate_kappa
 from .loss import FilterLoss, mutual_information_loss, reference_gradient
@@ -15,11 +23,19 @@ from .metrics import location_instability
 from .pipeline import run_pipeline
 from .protocol import PROTOCOLS, MeasurePoint, measure_points
 from .receptive_field import LayerGeometry, layer_geometry
-from .surgery import ARCHITECTURES, build_base_model, build_model, interpretable_layers, make_interpretable
+from .surgery import (
+    ARCHITECTURES,
+    BUILDER_ENTRY_POINTS,
+    build_base_model,
+    build_model,
+    interpretable_layers,
+    make_interpretable,
+)
 from .train import calibrate, finetune, load_run_model, pretrain
 
 __all__ = [
     "ARCHITECTURES",
+    "BUILDER_ENTRY_POINTS",
     "CheckpointError",
     "CollapseGuard",
     "CubDataset",
@@ -34,6 +50,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "TrainingError",
+    "UntrustedCodeError",
     "build_base_model",
     "build_model",
     "calibrate",

@@ -982,12 +982,14 @@ def analyze_run(
     gallery: bool = True,
     protocol: str | None = None,
     progress: bool = False,
+    trust_code: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Analyse a run directory's ``model.pt`` on a split of its dataset; write the outputs into ``out``.
 
     ``protocol`` (None: the recipe's ``eval.protocol``) says where each mask layer is read and which class
-    each filter is measured for, as in ``icnn evaluate``.
+    each filter is measured for, as in ``icnn evaluate``. ``trust_code``: see
+    :func:`~icnn_compress.train.load_run_model`.
 
     Writes ``analysis.json``, ``filters.csv``, ``matrices.pt`` and (``gallery``) ``gallery/<layer>.jpg``.
     Plots and ``report.html`` are the report stage's (:func:`icnn_compress.report.render_analysis`).
@@ -1000,7 +1002,8 @@ def analyze_run(
     from icnn_compress.train import resolve_device
 
     dev = init_distributed(resolve_device(str(device)))  # under torchrun: join the group, cuda:LOCAL_RANK
-    model, saved, recipe, dataset = open_run(run, data_root=data_root, split=split, device=dev, progress=progress)
+    model, saved, recipe, dataset = open_run(run, data_root=data_root, split=split, device=dev, progress=progress,
+                                             trust_code=trust_code)
     layers = list(layers) if layers else list(saved["architecture"]["masks"])
     protocol = protocol or recipe.eval.protocol
     categories = learned_classes(model, layers) if class_rule_for(protocol) == "learned" else {}

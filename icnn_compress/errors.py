@@ -19,6 +19,10 @@ class CheckpointError(ICNNError):
     """A checkpoint that is missing, unreadable or made for another architecture."""
 
 
+class UntrustedCodeError(CheckpointError):
+    """A model file names a ``module:builder`` to import that neither ``--trust-code`` nor an entry point allows."""
+
+
 class TrainingError(ICNNError):
     """Training stopped on purpose: a NaN loss, a collapsed model, an interrupted resume."""
 

@@ -237,6 +237,7 @@ def evaluate_run(
     json_path: str | Path | None = None,
     device: str | torch.device = "auto",
     progress: bool = False,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run directory's ``model.pt`` on a split of its dataset (or ``data_root``).
 
@@ -245,6 +246,7 @@ def evaluate_run(
     ``kappa0``, dead filters per layer at the last epoch, the task), the ``split`` and the ``data_root``
     (None: the run's own data), and writes the result atomically to ``json_path`` when given. A
     single-category run is measured on the object's images, and its accuracy is the binary one.
+    ``trust_code``: see :func:`~icnn_compress.train.load_run_model`.
     """
     from torch.utils.data import DataLoader
 
@@ -254,7 +256,8 @@ def evaluate_run(
     from .train import resolve_device
 
     dev = resolve_device(str(device))
-    model, saved, recipe, dataset = open_run(run, data_root=data_root, split=split, device=dev, progress=progress)
+    model, saved, recipe, dataset = open_run(run, data_root=data_root, split=split, device=dev, progress=progress,
+                                             trust_code=trust_code)
     protocol = protocol or recipe.eval.protocol
     layers = saved["architecture"]["masks"]
     rule = class_rule_for(protocol)
@@ -280,20 +283,27 @@ def evaluate_run(
 
 
 def open_run(
-    run: str | Path, *, data_root: str | Path | None, split: str, device: torch.device, progress: bool = False
+    run: str | Path,
+    *,
+    data_root: str | Path | None,
+    split: str,
+    device: torch.device,
+    progress: bool = False,
+    trust_code: bool = False,
 ) -> tuple[nn.Module, dict[str, Any], Any, Any]:
     """Load a run's model on ``device`` and open a split of its dataset (or of ``data_root``).
 
     Returns (model in eval mode, the saved model file, its recipe, the dataset); the dataset's classes
     must be the model's. The recipe's ``limit_train``/``limit_test`` cap its own dataset; a folder given
-    as ``data_root`` is read whole (a larger held-out set is usually why it is given).
+    as ``data_root`` is read whole (a larger held-out set is usually why it is given). ``trust_code``: see
+    :func:`~icnn_compress.train.load_run_model`.
     """
     from .config import recipe_from_dict
     from .data.recipe import open_split, relocate, task_object
     from .errors import DatasetError
     from .train import load_run_model
 
-    model, saved = load_run_model(run, device=device)
+    model, saved = load_run_model(run, device=device, trust_code=trust_code)
     recipe = recipe_from_dict(saved["recipe"], source=f"{run}/model.pt")
     dataset = open_split(relocate(recipe.data, data_root, whole=True), split, progress=progress,
                          single_object=task_object(recipe.icnn))

@@ -77,7 +77,7 @@ def ort_session(path: str | Path, *, provider: Sequence[str] | None = None, thre
     return ort.InferenceSession(str(path), options, providers=with_options)
 
 
-def _load(run_or_model: str | Path | nn.Module, data_root: str | Path | None):
+def _load(run_or_model: str | Path | nn.Module, data_root: str | Path | None, trust_code: bool):
     """(model on CPU in eval mode, saved record or None, test split or None, train split or None)."""
     if isinstance(run_or_model, nn.Module):
         return run_or_model.cpu().eval(), None, None, None
@@ -85,7 +85,7 @@ def _load(run_or_model: str | Path | nn.Module, data_root: str | Path | None):
     from .data.recipe import open_split, relocate, task_object
     from .train import load_run_model
 
-    model, saved = load_run_model(run_or_model, device="cpu")
+    model, saved = load_run_model(run_or_model, device="cpu", trust_code=trust_code)
     recipe = recipe_from_dict(saved["recipe"], source=f"{run_or_model}/model.pt")
     data = relocate(recipe.data, data_root)
     obj = task_object(recipe.icnn)
@@ -235,6 +235,7 @@ def export_onnx(
     tolerance: float = 1e-4,
     int8_agreement: float = INT8_MIN_AGREEMENT,
     parity_json: str | Path | None = None,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Export a run's model (or a model) to ONNX at ``out``, check it, prove parity; return the ``parity.json`` record.
 
@@ -253,6 +254,7 @@ def export_onnx(
         int8_agreement: smallest allowed fraction of images on which the int8 model's top-1 class is
             PyTorch's, over the test split of a run (the ``inputs`` for a module).
         parity_json: where the record goes (default ``parity.json`` next to ``out``).
+        trust_code: for a run, see :func:`~icnn_compress.train.load_run_model`.
 
     Raises:
         ParityError: ONNX Runtime differs from PyTorch by more than ``tolerance``, or the int8 model agrees
@@ -267,7 +269,7 @@ def export_onnx(
         raise ExportError(f"--int8-agreement must be a fraction in [0, 1], got {int8_agreement}")
     out = Path(out)
     began = time.perf_counter()
-    model, saved, test, train = _load(run_or_model, data_root)
+    model, saved, test, train = _load(run_or_model, data_root, trust_code)
     if test is not None:
         images = _images(test, max(PARITY_BATCHES))
         source = "test split, images 0-7"

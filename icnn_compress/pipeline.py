@@ -11,7 +11,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, load_model_file
 from .config import Recipe
 from .data.recipe import ensure_dataset
 from .evaluate import evaluate_run
@@ -31,10 +31,16 @@ def _with_checkpoint(recipe: Recipe, checkpoint: Path) -> Recipe:
 
 
 def run_pipeline(recipe: Recipe, out: str | Path, *, arms: tuple[str, ...] = ("baseline", "masks-only", "icnn"),
-                 progress: bool = True) -> dict:
-    """Run every stage of ``recipe`` into ``out``; return ``{arm: evaluation}`` (also ``out/summary.json``)."""
+                 progress: bool = True, trust_code: bool = False) -> dict:
+    """Run every stage of ``recipe`` into ``out``; return ``{arm: evaluation}`` (also ``out/summary.json``).
+
+    The stages read the runs' model files back trusting the builder the recipe names (the user chose it) while
+    every model file already in ``out`` names it too; ``trust_code`` trusts any builder, as in
+    :func:`~icnn_compress.train.load_run_model`.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    trust = trust_code or _recipe_builder_only(recipe, out, (*arms, "pruned"))
     ensure_dataset(recipe.data, progress=progress)
     if recipe.pretrain.epochs > 0:
         plain = out / "plain" / "model.pth"
@@ -52,15 +58,23 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, arms: tuple[str, ...] = ("b
             log.info("stage: fine-tune %s", arm)
             resume = (run / "last.pt").exists()
             finetune(recipe, run, arm=arm, resume=resume, force=not resume, progress=progress)
-        results[arm] = _evaluated(run, progress)
+        results[arm] = _evaluated(run, progress, trust)
     if {"icnn", "baseline"} <= set(results):
-        _analyse(out, progress)
-        results["pruned"] = _prune_and_export(recipe, out, progress)
+        _analyse(out, progress, trust)
+        results["pruned"] = _prune_and_export(recipe, out, progress, trust)
     atomic_write_text(out / "summary.json", json.dumps(results, indent=2))
     return results
 
 
-def _prune_and_export(recipe: Recipe, out: Path, progress: bool) -> dict:
+def _recipe_builder_only(recipe: Recipe, out: Path, runs: tuple[str, ...]) -> bool:
+    """Whether the recipe names a ``"module:builder"`` and every model file of ``runs`` already in ``out`` names
+    the same: a stage skips a run whose ``model.pt`` exists, so such a file may come from elsewhere."""
+    arch = recipe.model.arch
+    files = [out / run / "model.pt" for run in runs if (out / run / "model.pt").exists()]
+    return ":" in arch and all(load_model_file(path)["architecture"].get("arch") == arch for path in files)
+
+
+def _prune_and_export(recipe: Recipe, out: Path, progress: bool, trust: bool) -> dict:
     """Prune the ICNN run as the recipe's ``[prune]`` section says, recover, export and check parity."""
     from .export import export_onnx
     from .prune import prune_run
@@ -73,7 +87,7 @@ def _prune_and_export(recipe: Recipe, out: Path, progress: bool) -> dict:
         chooser = out / "icnn" / "analysis-val"
         if not (chooser / "analysis.json").exists():
             log.info("stage: analyse icnn on the validation split (for pruning)")
-            analyze_run(out / "icnn", out=chooser, split="val", gallery=False, progress=progress)
+            analyze_run(out / "icnn", out=chooser, split="val", gallery=False, progress=progress, trust_code=trust)
         settings = recipe.prune
         log.info("stage: prune to %g MACs (%s criterion, round_to %d) and recover %d epochs", settings.target_macs,
                  settings.criterion, settings.round_to, settings.recover_epochs)
@@ -81,11 +95,11 @@ def _prune_and_export(recipe: Recipe, out: Path, progress: bool) -> dict:
         prune_run(out / "icnn", out=pruned, analysis=chooser, target_macs=settings.target_macs,
                   criterion=settings.criterion, round_to=settings.round_to, floor=settings.floor,
                   recover_epochs=settings.recover_epochs, resume=(pruned / "history.json").exists(),
-                  progress=progress)
+                  progress=progress, trust_code=trust)
     if not _exported(pruned / "model.onnx", pruned / "parity.json"):
         log.info("stage: ONNX export and parity")
-        export_onnx(pruned, pruned / "model.onnx", parity_json=pruned / "parity.json")
-    return _evaluated(pruned, progress)
+        export_onnx(pruned, pruned / "model.onnx", parity_json=pruned / "parity.json", trust_code=trust)
+    return _evaluated(pruned, progress, trust)
 
 
 def _exported(onnx: Path, parity: Path) -> bool:
@@ -104,7 +118,7 @@ def _exported(onnx: Path, parity: Path) -> bool:
     return True
 
 
-def _evaluated(run: Path, progress: bool) -> dict:
+def _evaluated(run: Path, progress: bool, trust: bool) -> dict:
     """The run's test-split evaluation: the saved ``evaluate.json`` unless ``model.pt`` is newer or it was made
     on other data (``icnn evaluate --data ... --json`` into the same file)."""
     saved = run / "evaluate.json"
@@ -114,10 +128,10 @@ def _evaluated(run: Path, progress: bool) -> dict:
         if result.get("split") == "test" and "data_root" in result and result["data_root"] is None:
             return result
     log.info("stage: evaluate %s", run.name)
-    return evaluate_run(run, split="test", json_path=saved, progress=progress)
+    return evaluate_run(run, split="test", json_path=saved, progress=progress, trust_code=trust)
 
 
-def _analyse(out: Path, progress: bool) -> None:
+def _analyse(out: Path, progress: bool, trust: bool) -> None:
     """Per-filter analysis of the baseline and the ICNN run, and their side-by-side report."""
     from .analyze import analyze_run
     from .report import render_analysis, report
@@ -126,14 +140,14 @@ def _analyse(out: Path, progress: bool) -> None:
         folder = out / arm / "analysis"
         if not (folder / "report.html").exists():
             log.info("stage: analyse %s", arm)
-            analyze_run(out / arm, out=folder, progress=progress)
+            analyze_run(out / arm, out=folder, progress=progress, trust_code=trust)
             render_analysis(folder, baseline=None if arm == "baseline" else out / "baseline" / "analysis")
     from .compare import compare_html_section, compare_run
 
     if not (out / "compare" / "compare.json").exists():
         log.info("stage: compare explainers (small: %d images)", DEMO_COMPARE_IMAGES)
         compare_run(out / "icnn", baseline_run=out / "baseline", out=out / "compare", limit=DEMO_COMPARE_IMAGES,
-                    methods=DEMO_COMPARE_METHODS, progress=progress)
+                    methods=DEMO_COMPARE_METHODS, progress=progress, trust_code=trust)
     report([out / "icnn" / "analysis", out / "baseline" / "analysis"], out / "report",
            extra_sections=[("", compare_html_section(out / "compare"))])
 

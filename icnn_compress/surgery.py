@@ -13,16 +13,18 @@ import importlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 
 import torch
 from torch import nn
 
 from .checkpoint import build_torchvision_model
-from .errors import ModelError
+from .errors import ModelError, UntrustedCodeError
 from .mask import InterpretableMask
 
 __all__ = [
     "ARCHITECTURES",
+    "BUILDER_ENTRY_POINTS",
     "VARIANTS",
     "ArchSpec",
     "build_base_model",
@@ -32,6 +34,9 @@ __all__ = [
 ]
 
 VARIANTS = ("icnn", "baseline")
+
+# Installed packages list their model builders here; a model file may name those without --trust-code.
+BUILDER_ENTRY_POINTS = "icnn_compress.models"
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,28 @@ def _user_builder(arch: str) -> Callable[..., nn.Module]:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ModelError(f"cannot import the model builder {arch!r} ('package.module:function'): {exc}") from exc
+
+
+def _check_trusted(arch: str, *, trust_code: bool, source: str) -> None:
+    """Raise UntrustedCodeError, before anything is imported, for a ``"module:builder"`` read from ``source``
+    that ``trust_code`` does not allow and no installed package registers.
+
+    Importing the module runs its code, and the name comes from a file that may have been downloaded; entry
+    points are read from the installed packages' metadata, which imports nothing.
+    """
+    if ":" not in arch or trust_code:
+        return
+    if arch in {f"{ep.module}:{ep.attr}" for ep in entry_points(group=BUILDER_ENTRY_POINTS)}:
+        return
+    module = arch.partition(":")[0]
+    stale = ""
+    if module.partition(".")[0] == "icnn_compress":  # a checkout installed before it registered its own builders
+        stale = "; icnn-compress registers its own builders when installed: reinstall it (pip install -e .)"
+    raise UntrustedCodeError(
+        f"{source} names the model builder {arch!r}: its module {module!r} was not imported, since a model file "
+        f"is not trusted to run code; pass --trust-code (trust_code=True in Python) if you trust the file, or "
+        f"register the builder as an entry point in group {BUILDER_ENTRY_POINTS!r}{stale}"
+    )
 
 
 def build_base_model(arch: str, *, num_classes: int, weights: str | None = None) -> nn.Module:
@@ -263,9 +290,18 @@ def interpretable_layers(model: nn.Module) -> list[str]:
     return [name for name, mod in model.named_modules() if isinstance(mod, InterpretableMask)]
 
 
-def build_model(architecture: dict) -> nn.Module:
-    """Rebuild a model (random weights) from the ``architecture`` record a run saved."""
+def build_model(architecture: dict, *, trust_code: bool = False, source: str = "the architecture record") -> nn.Module:
+    """Rebuild a model (random weights) from the ``architecture`` record a run saved.
+
+    Args:
+        architecture: the record of a model file, which may come from anywhere (a downloaded run).
+        trust_code: import a ``"module:builder"`` arch that no installed package registers as an entry point in
+            group :data:`BUILDER_ENTRY_POINTS`; without it such a record raises
+            :class:`~icnn_compress.errors.UntrustedCodeError` and nothing is imported. Torchvision names always build.
+        source: where the record was read, for that error's message.
+    """
     a = architecture
+    _check_trusted(a["arch"], trust_code=trust_code, source=source)
     model = build_base_model(a["arch"], num_classes=a["num_classes"])
     make_interpretable(
         model,

@@ -766,17 +766,22 @@ class _compiled:
         return False
 
 
-def load_run_model(run: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_run_model(
+    run: str | Path, *, device: str | torch.device = "cpu", trust_code: bool = False
+) -> tuple[nn.Module, dict]:
     """Load a run's ``model.pt`` (or a model file path) into a fresh model; return it and the saved record.
 
     A pruned model file (``icnn prune``) also holds ``"pruning"``, the pruning history: the model is
     rebuilt from its architecture record, the history replayed on torch-pruning's dependency graph to
     give it the pruned shapes, then the weights loaded.
+
+    ``trust_code`` lets the file's ``"module:builder"`` arch be imported when no installed package registers it
+    (:func:`~icnn_compress.surgery.build_model`); a file from elsewhere runs code only so.
     """
     path = Path(run)
     path = path / "model.pt" if path.is_dir() else path
     saved = load_model_file(path)
-    model = build_model(saved["architecture"])
+    model = build_model(saved["architecture"], trust_code=trust_code, source=str(path))
     if saved.get("pruning"):
         # Imported here: replaying a history is the prune stage's business (and needs torch-pruning),
         # while every run that was never pruned loads without it.

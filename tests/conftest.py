@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
+from icnn_compress.checkpoint import load_model_file, save_model_file
 from icnn_compress.config import load_recipe
 from icnn_compress.data.generate import generate_parts_dataset
 from icnn_compress.train import pretrain
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.toml"
+BUILDER = "icnn_test_builder:build"  # the user_builder fixture's module; no installed package registers it
 
 
 def require_system_package(present: bool, package: str, why: str) -> None:
@@ -23,6 +26,33 @@ def require_system_package(present: bool, package: str, why: str) -> None:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture
+def user_builder(tmp_path, monkeypatch) -> Path:
+    """Put the module of :data:`BUILDER` on sys.path (``build``: the quickstart's small CNN); return the file that
+    importing it writes. It is dropped from sys.modules at both ends, so the file shows every import in the test."""
+    module = BUILDER.partition(":")[0]
+    folder = tmp_path / "user_code"
+    folder.mkdir()
+    marker = tmp_path / "imported"
+    (folder / f"{module}.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+                                         "from icnn_compress.zoo import small_cnn as build\n")
+    monkeypatch.syspath_prepend(folder)
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    yield marker
+    sys.modules.pop(module, None)
+
+
+def name_builder(model_file: Path, arch: str, out: Path) -> Path:
+    """Write ``model_file`` to ``out/model.pt`` with its architecture record naming the builder ``arch``; return
+    ``out``, a run as it may arrive from elsewhere."""
+    saved = load_model_file(model_file)
+    reserved = ("format", "state_dict", "architecture", "classes")
+    save_model_file(out / "model.pt", state_dict=saved["state_dict"],
+                    architecture={**saved["architecture"], "arch": arch}, classes=saved["classes"],
+                    extra={k: v for k, v in saved.items() if k not in reserved})
+    return out
 
 
 @pytest.fixture(scope="session")

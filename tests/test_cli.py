@@ -8,6 +8,8 @@ import pytest
 
 from pathlib import Path
 
+from conftest import BUILDER, name_builder
+
 from icnn_compress.cli import main
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.toml"
@@ -74,6 +76,30 @@ def test_finetune_and_evaluate_through_the_command(capsys, tmp_path, tiny_parts,
     assert code == 0
     assert json.loads(printed)["num_images"] == 32
     assert json.loads((tmp_path / "e.json").read_text())["arm"] == "masks-only"
+
+
+# Every command that reads a run's model file, with its other arguments (quick ones).
+RUN_COMMANDS = {
+    "evaluate": [],
+    "analyze": ["--out", "{tmp}/analysis"],
+    "compare": ["--out", "{tmp}/compare", "--methods", "icnn", "--limit", "2"],
+    "prune": ["--out", "{tmp}/pruned"],
+    "export": ["--out", "{tmp}/model.onnx"],
+}
+
+
+@pytest.mark.parametrize("command", list(RUN_COMMANDS))
+def test_a_run_naming_a_builder_imports_it_only_with_trust_code(capsys, tmp_path, masks_only_run, user_builder,
+                                                                 command):
+    downloaded = name_builder(masks_only_run / "model.pt", BUILDER, tmp_path / "downloaded")
+    argv = [command, str(downloaded), *(a.format(tmp=tmp_path) for a in RUN_COMMANDS[command])]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"icnn: error: {downloaded / 'model.pt'} names the model builder {BUILDER!r}: its module "
+                          "'icnn_test_builder' was not imported")
+    assert not user_builder.exists()
+    code, _, err = run(capsys, *argv, "--trust-code")
+    assert code == 0 and user_builder.exists()
 
 
 def _pruning(folder: Path) -> dict:

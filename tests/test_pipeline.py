@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import BUILDER, name_builder
 
 import icnn_compress.analyze
 import icnn_compress.compare
@@ -17,7 +18,8 @@ import icnn_compress.export
 import icnn_compress.pipeline
 import icnn_compress.prune
 from icnn_compress.cli import main
-from icnn_compress.pipeline import format_table
+from icnn_compress.errors import UntrustedCodeError
+from icnn_compress.pipeline import format_table, run_pipeline
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.toml"
 ARMS = ["baseline", "masks-only", "icnn"]
@@ -194,6 +196,18 @@ def test_pipeline_end_to_end_resumes_after_an_interrupt_and_skips_finished_stage
     assert calls == ["export_onnx"]
     record = json.loads((out / "pruned" / "parity.json").read_text())
     assert record["passed"] is True and record["sha256"] == hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+
+
+def test_the_stages_trust_the_recipe_builder_and_no_other(tmp_path, tiny_recipe, user_builder):
+    recipe = tiny_recipe(f"model.arch={BUILDER}", "train.epochs=1")
+    results = run_pipeline(recipe, tmp_path / "out", arms=("baseline",), progress=False)
+    assert results["baseline"]["num_images"] == 32  # evaluated: the run's model file was read back
+    # A model file already in out is not the pipeline's own: the stage that finds it skips its run.
+    run = name_builder(tmp_path / "out" / "baseline" / "model.pt", "icnn_other_builder:build",
+                       tmp_path / "out" / "baseline")
+    (run / "evaluate.json").unlink()
+    with pytest.raises(UntrustedCodeError, match=r"names the model builder 'icnn_other_builder:build'"):
+        run_pipeline(recipe, tmp_path / "out", arms=("baseline",), progress=False)
 
 
 def test_format_table_exact_text():

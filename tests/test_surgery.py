@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import io
+import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import BUILDER
 
+from icnn_compress.errors import UntrustedCodeError
 from icnn_compress.loss import FilterLoss
 from icnn_compress.mask import InterpretableMask
-from icnn_compress.surgery import ARCHITECTURES, build_base_model, build_model, make_interpretable
+from icnn_compress.surgery import (
+    ARCHITECTURES,
+    BUILDER_ENTRY_POINTS,
+    build_base_model,
+    build_model,
+    make_interpretable,
+)
 
 SIZE = 96
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
 def interpretable(arch: str, variant: str = "icnn", num_classes: int = 3):
@@ -97,3 +109,53 @@ def test_unknown_top_layer_lists_modules():
     model = build_base_model("resnet18", num_classes=4)
     with pytest.raises(ValueError, match="no module 'layer9'"):
         make_interpretable(model, arch="resnet18", num_classes=4, image_size=SIZE, top_layer="layer9")
+
+
+def user_record(arch: str) -> dict:
+    """The architecture record of the quickstart's small CNN made interpretable, naming ``arch`` as its builder
+    (made without importing ``arch``)."""
+    model = build_base_model("icnn_compress.zoo:small_cnn", num_classes=3)
+    layout = make_interpretable(model, arch=arch, num_classes=3, image_size=64, top_layer="features.14")
+    return {"arch": arch, "num_classes": 3, "image_size": 64, "variant": "icnn", "new_conv": True, "head_width": 32,
+            "peak": "centroid", "beta": "learned", **layout}
+
+
+def test_a_saved_builder_is_not_imported_unless_trusted(user_builder):
+    record = user_record(BUILDER)
+    with pytest.raises(UntrustedCodeError) as refused:
+        build_model(record, source="runs/x/model.pt")
+    assert str(refused.value) == (
+        "runs/x/model.pt names the model builder 'icnn_test_builder:build': its module 'icnn_test_builder' was not "
+        "imported, since a model file is not trusted to run code; pass --trust-code (trust_code=True in Python) if "
+        "you trust the file, or register the builder as an entry point in group 'icnn_compress.models'"
+    )
+    assert not user_builder.exists() and "icnn_test_builder" not in sys.modules
+    model = build_model(record, trust_code=True)
+    assert user_builder.exists()
+    assert model.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_a_recipe_builder_is_the_users_choice_and_needs_no_trust(user_builder):
+    assert build_base_model(BUILDER, num_classes=3)[-1][-1].out_features == 3
+    assert user_builder.exists()
+
+
+def test_an_entry_point_of_an_installed_package_registers_a_builder(user_builder):
+    # A real distribution: importlib.metadata finds the dist-info folder on sys.path (user_builder's folder).
+    dist = user_builder.parent / "user_code" / "icnn_test_builders-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: icnn-test-builders\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[{BUILDER_ENTRY_POINTS}]\nbuild = {BUILDER}\n")
+    build_model(user_record(BUILDER))
+    assert user_builder.exists()
+
+
+def test_a_stale_install_is_told_to_reinstall_for_icnn_compress_builders():
+    with pytest.raises(UntrustedCodeError, match=r"'icnn_compress\.zoo' was not imported.*; icnn-compress registers "
+                       r"its own builders when installed: reinstall it \(pip install -e \.\)$"):
+        build_model(user_record("icnn_compress.zoo:tiny_cnn"))
+
+
+def test_the_quickstart_builder_is_registered():
+    entry_points = tomllib.loads(PYPROJECT.read_text())["project"]["entry-points"]
+    assert entry_points == {BUILDER_ENTRY_POINTS: {"small_cnn": "icnn_compress.zoo:small_cnn"}}

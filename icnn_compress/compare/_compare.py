@@ -391,6 +391,7 @@ def compare_run(
     device: str | torch.device = "auto",
     figure_images: int = 6,
     progress: bool = False,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Compare the explainers on a run's model (and on ``baseline_run``'s); write ``out/compare.{json,md,png}``.
 
@@ -414,6 +415,7 @@ def compare_run(
         settings: :class:`CompareSettings`.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         figure_images: rows of the figure.
+        trust_code: for both runs, see :func:`~icnn_compress.train.load_run_model`.
 
     Returns:
         ``{"models": {name: summary}, "methods", "split", "limit", "layer", "settings", "landmarks",
@@ -433,7 +435,8 @@ def compare_run(
     comparisons: dict[str, Comparison] = {}
     meta: dict[str, Any] = {}
     for role, path in runs:
-        model, saved, recipe, dataset = open_run(path, data_root=data_root, split=split, device=dev)
+        model, saved, recipe, dataset = open_run(path, data_root=data_root, split=split, device=dev,
+                                                 trust_code=trust_code)
         masks = saved["architecture"].get("masks") or []
         name_layer = layer or (masks[0] if masks else None)
         if name_layer is None:

@@ -76,6 +76,7 @@ def prune_run(
     device: str = "auto",
     resume: bool = False,
     progress: bool = True,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Prune a run's ``model.pt`` to ``target_macs`` × its MACs, optionally recover, and write run directory ``out``.
 
@@ -103,6 +104,7 @@ def prune_run(
             given seed) and must match ``history.json``, written before the recovery; the recovery goes on
             from ``last.pt`` (or restarts when no epoch had finished). ``pruning.json``, written last, marks
             the run complete.
+        trust_code: see :func:`~icnn_compress.train.load_run_model`.
 
     Returns:
         The ``pruning.json`` record.
@@ -120,7 +122,7 @@ def prune_run(
     resume_recovery = resume and out_dir.last_path.exists()
     began = time.perf_counter()
     dev = resolve_device(device)
-    model, saved = load_run_model(run, device=dev)
+    model, saved = load_run_model(run, device=dev, trust_code=trust_code)
     if saved.get("pruning"):
         raise PruningError(f"{run} is already pruned; prune its unpruned parent run (pruning twice is not supported)")
     recipe = recipe_from_dict(saved["recipe"], source=f"{run}/model.pt")
