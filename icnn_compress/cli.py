@@ -100,8 +100,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     result = prune_run(args.run, out=args.out, analysis=args.analysis, target_macs=args.target_macs,
                        criterion=args.criterion, recover_epochs=args.recover_epochs, round_to=args.round_to,
-                       floor=args.floor, data_root=args.data, resume=args.resume, progress=not args.quiet,
-                       trust_code=args.trust_code)
+                       floor=args.floor, data_root=args.data, resume=args.resume, device=args.device,
+                       progress=not args.quiet, trust_code=args.trust_code)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2, default=str))
     return 0
 
@@ -257,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None,
                    help="the run's dataset folder where it moved (the recipe's limits still apply)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted recovery")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N]: pruning and recovery (not the run's)")
     p.add_argument("--out", required=True, type=Path)
     with_trust(p)
     p.set_defaults(func=_cmd_prune)

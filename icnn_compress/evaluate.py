@@ -253,8 +253,11 @@ def evaluate_run(
     from .checkpoint import atomic_write_text
     from .data.recipe import task_object
     from .protocol import class_rule_for, learned_classes
+    from .run_folder import check_output
     from .train import resolve_device
 
+    if json_path is not None:
+        check_output(json_path)
     dev = resolve_device(str(device))
     model, saved, recipe, dataset = open_run(run, data_root=data_root, split=split, device=dev, progress=progress,
                                              trust_code=trust_code)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .checkpoint import atomic_path, atomic_write_text, sha256_file
 from .errors import ICNNError
+from .run_folder import check_output
 
 __all__ = ["INT8_MIN_AGREEMENT", "ExportError", "ParityError", "VerifyError", "export_onnx", "onnx_accuracy",
            "ort_session", "providers", "verify_export"]
@@ -267,7 +268,9 @@ def export_onnx(
         raise ExportError(f"--calibration must be at least 1 image for int8 quantisation, got {calibration}")
     if quantize and not 0.0 <= int8_agreement <= 1.0:
         raise ExportError(f"--int8-agreement must be a fraction in [0, 1], got {int8_agreement}")
-    out = Path(out)
+    out = check_output(out)
+    if parity_json is not None:
+        check_output(parity_json)
     began = time.perf_counter()
     model, saved, test, train = _load(run_or_model, data_root, trust_code)
     if test is not None:

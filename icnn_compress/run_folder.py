@@ -21,11 +21,13 @@ from typing import Any
 
 from .errors import RunFolderError
 
-__all__ = ["LOCK_FILE", "check_same_run", "claim_folder", "locked"]
+__all__ = ["LOCK_FILE", "RUN_INPUTS", "check_output", "check_same_run", "claim_folder", "locked"]
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".icnn.lock"
+# The files of a run folder that later commands read: an output must never replace one of them.
+RUN_INPUTS = ("model.pt", "last.pt", "model.pth", "recipe.toml", "metrics.jsonl", "pruning.json", "history.json")
 
 
 def _alive(pid: int) -> bool:
@@ -59,12 +61,14 @@ def _take(lock: Path, command: str) -> bool:
 
 @contextmanager
 def locked(folder: str | Path, command: str) -> Iterator[Path]:
-    """Hold ``folder``'s lock while the block runs (the folder is created); yield the folder.
+    """Hold ``folder``'s lock while the block runs (the folder is created, and removed again if the block
+    left it empty); yield the folder.
 
     Raises:
         RunFolderError: another live process on this host holds the lock, or the folder cannot be written.
     """
     folder = Path(folder)
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -99,6 +103,8 @@ def locked(folder: str | Path, command: str) -> Iterator[Path]:
     finally:
         if _owner(lock).get("pid") == os.getpid():
             lock.unlink(missing_ok=True)
+        if created and not any(folder.iterdir()):  # refused before writing anything: leave no empty folder
+            folder.rmdir()
 
 
 def claim_folder(folder: str | Path, files: Sequence[str], *, resume: bool, force: bool, what: str) -> None:
@@ -132,3 +138,32 @@ def check_same_run(recorded: Mapping[str, Any] | None, current: Mapping[str, Any
         raise RunFolderError(f"--resume: {folder} is another run than this command asks for ({'; '.join(differ)}); "
                              "resume it with its own settings, add --force to continue it with these, or choose "
                              "another --out")
+
+
+def check_output(path: str | Path, *, folder: bool = False, inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Check, before any work, that ``path`` (a file, or a folder when ``folder``) can be written, and that it
+    is not one of ``inputs`` nor a run's own file (:data:`RUN_INPUTS`, e.g. ``evaluate --json RUN/model.pt``).
+    Creates nothing: the folder the path would be made in is probed with a temporary file.
+
+    Commands used to fail here only after all their work (a path under a file, a read-only folder).
+
+    Raises:
+        RunFolderError: what is wrong with the path, in one line.
+    """
+    path = Path(path)
+    target = path.resolve()
+    if any(target == Path(i).resolve() for i in inputs) or (
+            not folder and path.name in RUN_INPUTS and path.exists()):
+        raise RunFolderError(f"the output {path} is one of this command's inputs or a run's own file; choose "
+                             "another path")
+    where = path if folder else path.parent
+    existing = next(p for p in (where, *where.parents) if p.exists())  # nothing is created here
+    if not existing.is_dir():
+        raise RunFolderError(f"cannot write {path}: {existing} is a file, not a folder")
+    probe = existing / f".icnn-write-test-{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise RunFolderError(f"cannot write to {existing}: {exc.strerror or exc}") from None
+    return path

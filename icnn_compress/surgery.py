@@ -155,7 +155,10 @@ def build_base_model(arch: str, *, num_classes: int, weights: str | None = None)
     if ":" in arch:
         if weights is not None:
             raise ModelError(f"model.weights names a torchvision enum; a user CNN ({arch}) loads model.checkpoint")
-        return _user_builder(arch)(num_classes=num_classes)
+        model = _user_builder(arch)(num_classes=num_classes)
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"the model builder {arch!r} returned a {type(model).__name__}, not a torch.nn.Module")
+        return model
     if arch not in ARCHITECTURES:
         known = ", ".join(sorted(ARCHITECTURES))
         raise ModelError(f"unknown architecture {arch!r}: use one of {known}, or 'package.module:builder'")
@@ -196,6 +199,9 @@ def _output_channels(model: nn.Module, layer: str, image_size: int) -> int:
             model(torch.zeros(1, 3, image_size, image_size))
     except _Stop:
         pass
+    except RuntimeError as exc:  # e.g. a pool's output of 0x0: the images are too small for the network
+        raise ModelError(f"the model cannot run on {image_size}x{image_size} images up to {layer} ({exc}); "
+                         "raise data.image_size") from None
     finally:
         handle.remove()
         model.train(was_training)

@@ -51,7 +51,7 @@ from .distributed import (
     shard_indices,
     world_size,
 )
-from .errors import CheckpointError, DatasetError, TrainingError
+from .errors import CheckpointError, DatasetError, ModelError, TrainingError
 from .kappa import R_BANDS, R_COLLAPSE, CollapseGuard, calibrate_kappa
 from .loss import FilterLoss
 from .run_folder import check_same_run, claim_folder, locked
@@ -242,6 +242,9 @@ def _setup(recipe: Recipe, progress: bool) -> _Setup:
 def build_for_recipe(recipe: Recipe, *, arm: str, classes: list[str], image_size: int) -> tuple[nn.Module, dict]:
     """Build the recipe's model for ``arm`` from its weights and checkpoint; return it and its architecture record."""
     m = recipe.model
+    if m.num_classes is not None and m.num_classes != len(classes):
+        raise ModelError(f"model.num_classes is {m.num_classes} but the data has {len(classes)} classes "
+                         f"({', '.join(classes[:_MAX_NAMED])}); remove model.num_classes or fix data.root")
     num_classes = m.num_classes or len(classes)
     model = build_base_model(m.arch, num_classes=num_classes, weights=m.weights)
     if m.checkpoint:
@@ -395,6 +398,22 @@ def _train_epoch(
     return {"train_loss": float(total_loss) / max(seen, 1), "train_acc": 100.0 * float(correct) / max(seen, 1)}
 
 
+# A mean cross-entropy this large is a diverged run, finite or not (a random classifier's is ln(classes)).
+_DIVERGED_LOSS = 1e6
+
+
+def _check_diverged(model: nn.Module, stats: dict, epoch: int) -> None:
+    """Raise TrainingError when an epoch left weights or buffers non-finite (e.g. a BatchNorm running_var of
+    inf) or a loss so large that the run has diverged: such an epoch must never become the last good one."""
+    state = model.state_dict()
+    bad = next((name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())),
+               None)
+    if bad is not None:
+        raise TrainingError(f"{bad} became NaN or infinite in epoch {epoch}")
+    if stats["train_loss"] > _DIVERGED_LOSS:
+        raise TrainingError(f"the loss diverged in epoch {epoch} (mean {stats['train_loss']:.3g})")
+
+
 def _all_finite(finite: Tensor) -> bool:
     """Whether every rank's loss stayed finite: all ranks must agree to stop, or the others would hang."""
     if not is_distributed():
@@ -503,8 +522,13 @@ def _pretrain(recipe: Recipe, run: RunDir, resume: bool, force: bool, progress: 
     start = _resume(run, model, optimizer, setup.device, "pretrain", settings, force)["epoch"] + 1 if resume else 1
     for epoch in range(start, p.epochs + 1):
         train_data, val_data = setup.loaders(recipe.train.seed + epoch)
-        stats = _train_epoch(runner, None, optimizer, train_data, setup, epoch=epoch, epochs=p.epochs, kappa=0.0,
-                             lr=(p.lr, p.lr_end, "cosine", p.epochs), desc=f"pretrain {epoch}/{p.epochs}")
+        try:
+            stats = _train_epoch(runner, None, optimizer, train_data, setup, epoch=epoch, epochs=p.epochs,
+                                 kappa=0.0, lr=(p.lr, p.lr_end, "cosine", p.epochs), desc=f"pretrain {epoch}/{p.epochs}")
+            _check_diverged(model, stats, epoch)
+        except TrainingError as exc:
+            raise TrainingError(f"{exc}; the last good checkpoint is {run.last_path} (epoch {epoch - 1}): lower "
+                                "pretrain.lr and run again with --resume --force") from None
         stats.update(epoch=epoch, val_acc=validate(model, val_data, setup.device, amp=setup.amp,
                                                    channels_last=setup.channels_last))
         if is_main():
@@ -625,7 +649,7 @@ def _finetune(recipe: Recipe, run: RunDir, arm: str, resume: bool, force: bool, 
                                    channels_last=setup.channels_last)
         guard.last = {**(initial or {}), "layers": {n: {"dead": d} for n, d in dead.items()}}
     good = _snapshot(model, optimizer)
-    epoch = start
+    epoch, diverged = start, 0  # diverged: epochs in a row that ended non-finite or exploded
     with _compiled(_wrap_ddp(model, setup.device), t.compile) as runner:
         while epoch <= t.epochs:
             kappa = kappa0 / epoch
@@ -636,11 +660,14 @@ def _finetune(recipe: Recipe, run: RunDir, arm: str, resume: bool, force: bool, 
                 stats = _train_epoch(runner, filter_loss, optimizer, train_data, setup, epoch=epoch, epochs=t.epochs,
                                      kappa=kappa, lr=(t.lr, t.lr_end, t.schedule, t.schedule_epochs),
                                      desc=f"{arm} {epoch}/{t.epochs}")
+                _check_diverged(model, stats, epoch)
+                diverged = 0
             except TrainingError as exc:
-                if not guard.enabled:
-                    raise TrainingError(f"{exc}; the last good checkpoint is {run.last_path} (epoch {epoch - 1}): "
-                                        "lower train.lr or icnn.kappa and run again with --resume --force (it goes on with "
-                                        "the new settings)") from None
+                diverged += 1
+                if not guard.enabled or diverged > 1:
+                    raise TrainingError(f"{exc}; {_divergence_cause(arm, kappa0, t.lr, diverged)}; the last good "
+                                        f"checkpoint is {run.last_path} (epoch {epoch - 1}): run again with "
+                                        "--resume --force and the new setting") from None
                 stats = {"train_loss": math.inf, "train_acc": 0.0}
             layers = _epoch_stats(filter_loss)
             # The bare, eager module: under DDP each rank runs a different number of eval batches and DDP's
@@ -704,6 +731,17 @@ def _finetune(recipe: Recipe, run: RunDir, arm: str, resume: bool, force: bool, 
     )
     barrier()
     return record
+
+
+def _divergence_cause(arm: str, kappa0: float, lr: float, diverged: int) -> str:
+    """What to lower after a diverged epoch: the learning rate when the filter loss is off or lowering κ did
+    not help (the guard already backed it off once), else either."""
+    if arm != "icnn" or kappa0 == 0:
+        return f"the filter loss is off in this arm, so the learning rate is the cause: lower train.lr (now {lr:g})"
+    if diverged > 1:
+        return (f"it diverged again after the collapse guard lowered kappa0 to {kappa0:.3g}, so the learning rate is "
+                f"the likely cause: lower train.lr (now {lr:g})")
+    return f"lower train.lr (now {lr:g}) or icnn.kappa (kappa0 {kappa0:.3g})"
 
 
 def _beta_grad(recipe: Recipe) -> float:

@@ -135,3 +135,25 @@ def test_prune_flags_are_checked(capsys, tmp_path, masks_only_run, flags, messag
 def test_make_dataset(capsys, tmp_path):
     code, printed, _ = run(capsys, "make-dataset", "parts", "--out", str(tmp_path / "d"), "--seed", "3")
     assert code == 0 and (tmp_path / "d" / "images.txt").is_file()
+
+
+def test_every_flag_a_message_names_exists():
+    # an error once told users to pass --reset-head, which no command has
+    import argparse
+    import re
+
+    from icnn_compress.cli import build_parser
+
+    flags: set[str] = set()
+
+    def walk(parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            flags.update(o for o in action.option_strings if o.startswith("--"))
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    walk(sub)
+
+    walk(build_parser())
+    package = Path(__file__).resolve().parent.parent / "icnn_compress"
+    named = {m for f in package.rglob("*.py") for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", f.read_text())}
+    assert named - flags == {"--nproc-per-node"}  # torchrun's, in the distributed module's advice

@@ -378,6 +378,17 @@ def test_resume_needs_an_interrupted_recovery_with_the_same_pruning(trained_run,
                   device="cpu", progress=False)
 
 
+def test_a_run_made_on_a_gpu_recovers_on_the_device_prune_is_given(trained_run, tmp_path):
+    gpu_run = tmp_path / "gpu"
+    gpu_run.mkdir()
+    saved = torch.load(trained_run / "model.pt", weights_only=True)
+    saved["recipe"]["train"]["device"] = "cuda:7"  # as fine-tuned on a GPU machine
+    torch.save(saved, gpu_run / "model.pt")
+    record = prune_run(gpu_run, out=tmp_path / "r", criterion="l1", target_macs=0.7, steps=4, recover_epochs=1,
+                       device="cpu", progress=False)
+    assert record["accuracy_recovered"] is not None
+
+
 def test_an_interrupted_recovery_resumes(trained_run, tmp_path, monkeypatch):
     out = tmp_path / "r"
     settings = dict(criterion="l1", target_macs=0.7, steps=4, device="cpu", progress=False)

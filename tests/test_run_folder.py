@@ -14,8 +14,8 @@ import torch
 
 from icnn_compress.checkpoint import load_model_file
 from icnn_compress.errors import CheckpointError, RunFolderError
-from icnn_compress.run_folder import LOCK_FILE, check_same_run, claim_folder, locked
-from icnn_compress.train import finetune
+from icnn_compress.run_folder import LOCK_FILE, check_output, check_same_run, claim_folder, locked
+from icnn_compress.train import finetune, pretrain
 
 from conftest import QUICKSTART
 
@@ -117,3 +117,37 @@ def test_a_truncated_last_pt_is_a_clear_error_on_resume(tiny_recipe, tmp_path):
     (run / "last.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"last.pt cannot be read .*start again with --force"):
         finetune(tiny_recipe(), run, arm="baseline", resume=True, progress=False)
+
+
+def test_an_output_under_a_file_or_over_an_input_is_refused_before_any_work(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(RunFolderError, match=r"cannot write .*a_file/sub/out.json: .*a_file is a file, not a folder"):
+        check_output(tmp_path / "a_file" / "sub" / "out.json")
+    with pytest.raises(RunFolderError, match=r"cannot write .*a_file: .*a_file is a file, not a folder"):
+        check_output(tmp_path / "a_file", folder=True)
+    with pytest.raises(RunFolderError, match=r"is one of this command's inputs"):
+        check_output(tmp_path / "run", folder=True, inputs=(tmp_path / "run",))
+    assert check_output(tmp_path / "new" / "deep" / "out.json") == tmp_path / "new" / "deep" / "out.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing created, no probe left
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export"])
+def test_a_command_cannot_write_over_the_runs_model(command, tiny_recipe, tmp_path, capsys):
+    from icnn_compress.cli import main
+
+    run = tmp_path / "run"
+    finetune(tiny_recipe("train.epochs=1"), run, arm="baseline", progress=False)
+    before = (run / "model.pt").read_bytes()
+    flag = "--json" if command == "evaluate" else "--out"
+    assert main(["-q", command, str(run), flag, str(run / "model.pt")]) == 2
+    assert "is one of this command's inputs or a run's own file" in capsys.readouterr().err
+    assert (run / "model.pt").read_bytes() == before
+
+
+def test_pretrain_over_a_finished_plain_checkpoint_is_refused(tiny_recipe, tmp_path):
+    out = tmp_path / "plain"
+    out.mkdir()
+    (out / "model.pth").write_bytes(b"plain weights")
+    with pytest.raises(RunFolderError, match=r"plain already holds a plain training \(model.pth\)"):
+        pretrain(tiny_recipe("pretrain.epochs=1"), out, progress=False)
+    assert (out / "model.pth").read_bytes() == b"plain weights"

@@ -99,6 +99,20 @@ def test_user_cnn_needs_its_top_layer_and_keeps_its_head():
     assert model(torch.randn(2, 3, SIZE, SIZE)).shape == (2, 4)
 
 
+def test_images_too_small_for_the_network_name_the_image_size():
+    model = build_base_model("icnn_compress.zoo:small_cnn", num_classes=4)
+    with pytest.raises(ValueError, match=r"^the model cannot run on 7x7 images up to features.14 \(.*\); raise "
+                                         r"data.image_size$"):
+        make_interpretable(model, arch="icnn_compress.zoo:small_cnn", num_classes=4, image_size=7,
+                           top_layer="features.14")
+
+
+def test_a_builder_that_returns_no_module_is_refused():
+    with pytest.raises(ValueError, match=r"^the model builder 'collections:OrderedDict' returned a OrderedDict, "
+                                         r"not a torch.nn.Module$"):
+        build_base_model("collections:OrderedDict", num_classes=4)
+
+
 def test_head_mismatch_asks_for_reset_head():
     model = build_base_model("resnet18", num_classes=10)
     with pytest.raises(ValueError, match="head has 10 classes but the task has 4; pass --set model.reset_head=true"):

@@ -12,7 +12,7 @@ import torch
 import icnn_compress.train
 
 from icnn_compress.checkpoint import atomic_save, load_model_file
-from icnn_compress.errors import CheckpointError, DatasetError, RunFolderError, TrainingError
+from icnn_compress.errors import CheckpointError, DatasetError, ModelError, RunFolderError, TrainingError
 from icnn_compress.evaluate import evaluate_run
 from icnn_compress.surgery import build_base_model
 from icnn_compress.train import finetune, load_run_model, lr_at, pretrain, resolve_device
@@ -103,7 +103,7 @@ def test_an_empty_train_split_is_refused_before_any_model_is_built(tiny_recipe, 
     root = _with_split(tiny_parts, tmp_path, lambda i, c: False)
     with pytest.raises(DatasetError, match=r"train split of .*parts has no image"):
         finetune(tiny_recipe(f"data.root={root}"), tmp_path / "run", progress=False)
-    assert list((tmp_path / "run").iterdir()) == []  # the lock taken and given back, nothing written
+    assert not (tmp_path / "run").exists()  # the lock taken and given back, nothing left
 
 
 def test_a_class_with_no_training_image_is_named_in_a_warning(tiny_recipe, tiny_parts, tmp_path, caplog):
@@ -112,6 +112,44 @@ def test_a_class_with_no_training_image_is_named_in_a_warning(tiny_recipe, tiny_
         finetune(tiny_recipe(f"data.root={root}", "train.epochs=1"), tmp_path / "run", arm="baseline",
                  progress=False)
     assert "1 of 4 classes have no training image (spiker)" in caplog.text
+
+
+def test_an_epoch_that_leaves_an_infinite_buffer_is_never_the_last_good_one(tiny_recipe, tmp_path, monkeypatch):
+    run = tmp_path / "inf"
+    real, calls = icnn_compress.train._train_epoch, []
+
+    def corrupt_epoch_2(model, *args, **kwargs):
+        stats = real(model, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # as a loss of 5e29 once left BatchNorm's running_var at inf
+            bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            bn.running_var.fill_(float("inf"))
+        return stats
+
+    monkeypatch.setattr(icnn_compress.train, "_train_epoch", corrupt_epoch_2)
+    with pytest.raises(TrainingError, match=r"running_var became NaN or infinite in epoch 2; the filter loss is off "
+                                            r"in this arm, so the learning rate is the cause: lower train.lr"):
+        finetune(tiny_recipe(), run, arm="baseline", progress=False)
+    kept = torch.load(run / "last.pt", weights_only=True)
+    assert kept["epoch"] == 1 and all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_a_divergence_that_lowering_kappa_does_not_cure_names_the_learning_rate(tiny_recipe, tmp_path):
+    run = tmp_path / "lr"
+    finetune(tiny_recipe("train.epochs=1"), run, arm="icnn", progress=False)
+    (run / "model.pt").unlink()
+    with pytest.raises(TrainingError, match=r"diverged again after the collapse guard lowered kappa0 to .*so the "
+                                            r"learning rate is the likely cause: lower train.lr \(now 1e\+30\)"):
+        finetune(tiny_recipe("train.lr=1e30", "train.schedule=constant"), run, arm="icnn", resume=True, force=True,
+                 progress=False)
+    verdicts = [r.get("collapse") for r in _records(run) if r["epoch"] == 2]
+    assert verdicts == ["the loss is not finite"]  # one back-off, not five
+
+
+def test_num_classes_that_is_not_the_datas_is_refused(tiny_recipe, tmp_path):
+    with pytest.raises(ModelError, match=r"model.num_classes is 3 but the data has 4 classes \(glider, walker, "
+                                         r"roller, spiker\)"):
+        finetune(tiny_recipe("model.num_classes=3"), tmp_path / "run", progress=False)
 
 
 def test_checkpoint_for_another_architecture_names_keys_and_fix(tiny_recipe, tmp_path):

@@ -424,10 +424,12 @@ def compare_run(
     """
     from icnn_compress.checkpoint import atomic_write_text
     from icnn_compress.evaluate import open_run
+    from icnn_compress.run_folder import check_output
     from icnn_compress.train import resolve_device
 
     from ._present import format_compare_table, plot_grid
 
+    check_output(out, folder=True)
     settings = settings or CompareSettings()
     dev = resolve_device(str(device))
     out = Path(out)

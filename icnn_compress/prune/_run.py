@@ -15,6 +15,7 @@ from torch import nn
 from icnn_compress.checkpoint import RunDir, atomic_write_text, save_model_file
 from icnn_compress.config import PruneConfig, Recipe, recipe_from_dict, recipe_to_dict
 from icnn_compress.data.recipe import open_split, relocate, task_object
+from icnn_compress.run_folder import check_output, locked
 from icnn_compress.train import finetune, load_run_model, loader, resolve_device, validate
 
 from ._graph import prune_model
@@ -45,11 +46,12 @@ def _taylor_backward(train_data, device: torch.device, batches: int):
     return run
 
 
-def _recovery_recipe(recipe: Recipe, saved: dict, epochs: int) -> Recipe:
-    """The run's recipe with ``train.epochs = epochs`` and κ fixed to the run's measured κ₀ (no new pilot)."""
+def _recovery_recipe(recipe: Recipe, saved: dict, epochs: int, device: str) -> Recipe:
+    """The run's recipe with ``train.epochs = epochs``, κ fixed to the run's measured κ₀ (no new pilot) and the
+    pruning's ``device`` (a run made on a GPU recovers on the CPU when asked to)."""
     kappa0 = float(saved.get("kappa0") or 0.0)
     icnn = replace(recipe.icnn, kappa=kappa0) if saved.get("arm", "icnn") == "icnn" else recipe.icnn
-    return replace(recipe, train=replace(recipe.train, epochs=epochs), icnn=icnn)
+    return replace(recipe, train=replace(recipe.train, epochs=epochs, device=str(device)), icnn=icnn)
 
 
 def _settings(recipe: Recipe, run: str | Path, **given: Any) -> PruneConfig:
@@ -109,82 +111,87 @@ def prune_run(
     Returns:
         The ``pruning.json`` record.
     """
-    out_dir = RunDir(Path(out))
-    planned, done = out_dir.path / "history.json", out_dir.path / "pruning.json"
-    # pruning.json is written last. Without it, a model.pt beside last.pt is a recovery stopped before its
-    # record (resumable); a lone model.pt is a save without recovery that stopped there: it is redone.
-    if done.exists() or (out_dir.last_path.exists() and not resume):
-        raise PruningError(f"{out_dir.path} already holds a run; choose another --out"
-                           + ("" if done.exists() else " or pass --resume to finish its recovery"))
-    if resume and not planned.exists():
-        raise PruningError(f"--resume: {out_dir.path} has no interrupted recovery (history.json)")
-    # Interrupted before the first recovery epoch ended: nothing to resume from, the recovery restarts.
-    resume_recovery = resume and out_dir.last_path.exists()
-    began = time.perf_counter()
-    dev = resolve_device(device)
-    model, saved = load_run_model(run, device=dev, trust_code=trust_code)
-    if saved.get("pruning"):
-        raise PruningError(f"{run} is already pruned; prune its unpruned parent run (pruning twice is not supported)")
-    recipe = recipe_from_dict(saved["recipe"], source=f"{run}/model.pt")
-    settings = _settings(recipe, run, target_macs=target_macs, criterion=criterion, recover_epochs=recover_epochs,
-                         round_to=round_to, floor=floor)
-    data_cfg = relocate(recipe.data, data_root)
-    test_set = open_split(data_cfg, "test", progress=progress, single_object=task_object(recipe.icnn))
-    test = loader(test_set, batch_size=recipe.train.eval_batch_size, shuffle=False, seed=0, workers=0, device=dev)
-    acc_before = validate(model, test, dev, amp=False, channels_last=False)
+    out_dir = RunDir(check_output(out, folder=True, inputs=(run,)))
+    # One writer at a time: the recovery's fine-tune takes the same lock again (held by this process)
+    with locked(out_dir.path, "prune"):
+        planned, done = out_dir.path / "history.json", out_dir.path / "pruning.json"
+        # pruning.json is written last. Without it, a model.pt beside last.pt is a recovery stopped before its
+        # record (resumable); a lone model.pt is a save without recovery that stopped there: it is redone.
+        if done.exists() or (out_dir.last_path.exists() and not resume):
+            raise PruningError(f"{out_dir.path} already holds a run; choose another --out"
+                               + ("" if done.exists() else " or pass --resume to finish its recovery"))
+        if resume and not planned.exists():
+            raise PruningError(f"--resume: {out_dir.path} has no interrupted recovery (history.json)")
+        # Interrupted before the first recovery epoch ended: nothing to resume from, the recovery restarts.
+        resume_recovery = resume and out_dir.last_path.exists()
+        began = time.perf_counter()
+        dev = resolve_device(device)
+        model, saved = load_run_model(run, device=dev, trust_code=trust_code)
+        if saved.get("pruning"):
+            raise PruningError(f"{run} is already pruned; prune its unpruned parent run (pruning twice is not "
+                               "supported)")
+        recipe = recipe_from_dict(saved["recipe"], source=f"{run}/model.pt")
+        settings = _settings(recipe, run, target_macs=target_macs, criterion=criterion, recover_epochs=recover_epochs,
+                             round_to=round_to, floor=floor)
+        data_cfg = relocate(recipe.data, data_root)
+        test_set = open_split(data_cfg, "test", progress=progress, single_object=task_object(recipe.icnn))
+        test = loader(test_set, batch_size=recipe.train.eval_batch_size, shuffle=False, seed=0, workers=0, device=dev)
+        acc_before = validate(model, test, dev, amp=False, channels_last=False)
 
-    torch.manual_seed(seed)
-    mask_pruner = MaskPruner()
-    # without an analysis, make_importance raises the error that asks for --analysis
-    read_scores = settings.criterion.startswith("icnn") and analysis is not None
-    scores = load_filter_scores(analysis) if read_scores else None
-    importance = make_importance(settings.criterion, mask_pruner=mask_pruner, scores=scores)
-    before_step = None
-    if settings.criterion == "taylor":
-        train_set = open_split(data_cfg, "train", progress=progress, single_object=task_object(recipe.icnn))
-        train = loader(train_set, batch_size=recipe.train.batch_size, shuffle=True, seed=seed, workers=0, device=dev)
-        before_step = _taylor_backward(train, dev, taylor_batches)
-    size = saved["architecture"]["image_size"]
-    history = prune_model(model, example_inputs=torch.zeros(1, 3, size, size, device=dev), importance=importance,
-                          mask_pruner=mask_pruner, target_macs=settings.target_macs,
-                          round_to=settings.round_to, floor=settings.floor, steps=steps, before_step=before_step)
-    history.update(criterion=settings.criterion, source=str(run), seed=seed,
-                   analysis=str(analysis) if isinstance(analysis, (str, Path)) else None)
-    acc_pruned = validate(model, test, dev, amp=False, channels_last=False)
-    log.info("pruned with %s to %.3f MACs: accuracy %.2f -> %.2f", settings.criterion, history["macs_ratio"],
-             acc_before, acc_pruned)
+        torch.manual_seed(seed)
+        mask_pruner = MaskPruner()
+        # without an analysis, make_importance raises the error that asks for --analysis
+        read_scores = settings.criterion.startswith("icnn") and analysis is not None
+        scores = load_filter_scores(analysis) if read_scores else None
+        importance = make_importance(settings.criterion, mask_pruner=mask_pruner, scores=scores)
+        before_step = None
+        if settings.criterion == "taylor":
+            train_set = open_split(data_cfg, "train", progress=progress, single_object=task_object(recipe.icnn))
+            train = loader(train_set, batch_size=recipe.train.batch_size, shuffle=True, seed=seed, workers=0,
+                           device=dev)
+            before_step = _taylor_backward(train, dev, taylor_batches)
+        size = saved["architecture"]["image_size"]
+        history = prune_model(model, example_inputs=torch.zeros(1, 3, size, size, device=dev), importance=importance,
+                              mask_pruner=mask_pruner, target_macs=settings.target_macs,
+                              round_to=settings.round_to, floor=settings.floor, steps=steps, before_step=before_step)
+        history.update(criterion=settings.criterion, source=str(run), seed=seed,
+                       analysis=str(analysis) if isinstance(analysis, (str, Path)) else None)
+        acc_pruned = validate(model, test, dev, amp=False, channels_last=False)
+        log.info("pruned with %s to %.3f MACs: accuracy %.2f -> %.2f", settings.criterion, history["macs_ratio"],
+                 acc_before, acc_pruned)
 
-    acc_recovered = None
-    if settings.recover_epochs > 0:
-        if resume and json.loads(planned.read_text())["steps"] != history["steps"]:
-            raise PruningError(f"--resume: pruning {run} again gave another result than {planned}; "
-                               "resume with the same criterion, analysis, target and seed, or start afresh")
-        atomic_write_text(planned, json.dumps(history))
-        rec = _recovery_recipe(replace(recipe, data=data_cfg), saved, settings.recover_epochs)
-        # The checks above decided this folder is this pruning's: a recovery that is not resumed starts afresh.
-        finetune(rec, out_dir.path, arm=saved.get("arm", "icnn"), resume=resume_recovery,
-                 force=not resume_recovery, progress=progress,
-                 model=model, architecture=saved["architecture"], extra={"pruning": history})
-        # Recovery chose on its validation split; the reported accuracy is the test split's, as above.
-        acc_recovered = validate(model, test, dev, amp=False, channels_last=False)
-    record = {
-        "criterion": settings.criterion,
-        "target_macs": settings.target_macs,
-        "macs_ratio": history["macs_ratio"],
-        "base_macs": history["base_macs"],
-        "macs": history["macs"],
-        "base_params": history["base_params"],
-        "params": history["params"],
-        "accuracy_unpruned": acc_before,
-        "accuracy_pruned": acc_pruned,
-        "accuracy_recovered": acc_recovered,
-        "recover_epochs": settings.recover_epochs,
-        "seconds": time.perf_counter() - began,
-        "history": history,
-    }
-    if settings.recover_epochs == 0:
-        extra = {k: v for k, v in saved.items() if k not in _RESERVED}
-        save_model_file(out_dir.ensure().model_path, state_dict=model.state_dict(), architecture=saved["architecture"],
-                        classes=saved["classes"], extra={**extra, "pruning": history})
-    atomic_write_text(done, json.dumps(record, indent=1))
-    return record
+        acc_recovered = None
+        if settings.recover_epochs > 0:
+            if resume and json.loads(planned.read_text())["steps"] != history["steps"]:
+                raise PruningError(f"--resume: pruning {run} again gave another result than {planned}; "
+                                   "resume with the same criterion, analysis, target and seed, or start afresh")
+            atomic_write_text(planned, json.dumps(history))
+            rec = _recovery_recipe(replace(recipe, data=data_cfg), saved, settings.recover_epochs, device)
+            # The checks above decided this folder is this pruning's: a recovery that is not resumed starts afresh.
+            finetune(rec, out_dir.path, arm=saved.get("arm", "icnn"), resume=resume_recovery,
+                     force=not resume_recovery, progress=progress,
+                     model=model, architecture=saved["architecture"], extra={"pruning": history})
+            # Recovery chose on its validation split; the reported accuracy is the test split's, as above.
+            acc_recovered = validate(model, test, dev, amp=False, channels_last=False)
+        record = {
+            "criterion": settings.criterion,
+            "target_macs": settings.target_macs,
+            "macs_ratio": history["macs_ratio"],
+            "base_macs": history["base_macs"],
+            "macs": history["macs"],
+            "base_params": history["base_params"],
+            "params": history["params"],
+            "accuracy_unpruned": acc_before,
+            "accuracy_pruned": acc_pruned,
+            "accuracy_recovered": acc_recovered,
+            "recover_epochs": settings.recover_epochs,
+            "seconds": time.perf_counter() - began,
+            "history": history,
+        }
+        if settings.recover_epochs == 0:
+            extra = {k: v for k, v in saved.items() if k not in _RESERVED}
+            save_model_file(out_dir.ensure().model_path, state_dict=model.state_dict(),
+                            architecture=saved["architecture"],
+                            classes=saved["classes"], extra={**extra, "pruning": history})
+        atomic_write_text(done, json.dumps(record, indent=1))
+        return record
