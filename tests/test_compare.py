@@ -363,3 +363,25 @@ def test_compare_run_writes_json_table_figure_and_a_self_contained_html_section(
     assert format_compare_table(result) == result["table"]
     with pytest.raises(FileNotFoundError, match="icnn compare"):
         compare_html_section(tmp_path / "nowhere")
+
+
+def test_data_without_landmarks_gets_the_landmark_free_measures_and_says_why(tmp_path, tiny_recipe, tiny_parts):
+    import shutil
+
+    plain = tmp_path / "plain"  # the CUB layout with no parts: what a folder of class images gives
+    shutil.copytree(tiny_parts, plain)
+    (plain / "parts" / "parts.txt").write_text("")
+    (plain / "parts" / "part_locs.txt").write_text("")
+    (plain / "parts" / "part_masks.txt").unlink()
+    _untrained_run(tiny_recipe(), tmp_path / "icnn", "icnn")
+    settings = CompareSettings(**{**FAST, "robust_images": 1, "steps": 2})
+    result = compare_run(tmp_path / "icnn", out=tmp_path / "compare", data_root=plain, limit=4,
+                         methods=["icnn", "gradcam"], settings=settings, device="cpu", figure_images=1)
+    gradcam = result["models"]["icnn"]["explainers"]["gradcam"]
+    assert result["landmarks"] == [] and gradcam["deletion_auc"] is not None
+    assert "the data has no landmarks: the pointing game and the distance spread were skipped" in result["table"]
+
+
+def test_pointing_game_with_no_landmark_counts_no_image():
+    out = pointing_game(torch.zeros(3, 2), torch.zeros(3, 0, 2), torch.zeros(3, 0, dtype=torch.bool), radius=5.0)
+    assert out["valid"].tolist() == [False] * 3 and out["nearest"].tolist() == [-1] * 3

@@ -104,7 +104,10 @@ def pointing_game(peak_xy: Tensor, landmarks: Tensor, visible: Tensor, radius: f
     dist = dist.masked_fill(~visible.bool(), float("inf"))
     hit_k = dist <= radius
     valid = visible.bool().any(dim=1)
-    nearest = torch.where(valid, dist.argmin(dim=1), -1)
+    if dist.shape[1] == 0:  # data with no landmarks (a plain image folder): no image counts
+        nearest = torch.full_like(valid, -1, dtype=torch.long)
+    else:
+        nearest = torch.where(valid, dist.argmin(dim=1), -1)
     return {"hit": hit_k.any(dim=1), "valid": valid, "hit_by_landmark": hit_k, "nearest": nearest}
 
 

@@ -70,6 +70,9 @@ def _rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]], list[s
         "AUC of the class probability; infidelity and max-sensitivity (Captum) on the first "
         f"{max(e.get('robust_images', 0) for e in first['explainers'].values())} images; (ref.) rows are "
         "references: a fixed centre map and a random map (chance).")
+    if not result.get("landmarks"):
+        notes.append("the data has no landmarks: the pointing game and the distance spread were skipped (-); "
+                     "deletion, insertion, infidelity and max-sensitivity need none")
     return header, rows, notes
 
 
