@@ -455,13 +455,20 @@ _PLAIN_FILES = ("model.pth", "last.pt", "metrics.jsonl")
 @contextlib.contextmanager
 def _writing(run: RunDir, command: str, files: tuple[str, ...], *, resume: bool, force: bool, what: str):
     """Hold the run folder's lock (the launching rank only) and claim the folder for this command."""
-    if os.environ.get("RANK", "0") != "0":  # torchrun's other ranks: rank 0 holds the lock and writes
+    def check() -> None:
+        if resume and not run.last_path.exists():
+            raise TrainingError(f"--resume: {run.path} has no last.pt to resume from")
+
+    if os.environ.get("RANK", "0") != "0":  # torchrun's other ranks: rank 0 holds the lock and writes, but
+        # every rank refuses what rank 0 refuses (read-only), so that none waits for a rank 0 that stopped
+        if not force:
+            claim_folder(run.path, files, resume=resume, force=False, what=what)
+        check()
         yield
         return
     with locked(run.path, command):
         claim_folder(run.path, files, resume=resume, force=force, what=what)
-        if resume and not run.last_path.exists():
-            raise TrainingError(f"--resume: {run.path} has no last.pt to resume from")
+        check()
         yield
 
 
