@@ -41,7 +41,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-_POSITIVE = (0.0, math.inf, True, True)  # an interval (low, high, open_low, open_high): finite and > 0
+# intervals (low, high, open_low, open_high) for numeric fields
+_POSITIVE = (0.0, math.inf, True, True)  # finite and > 0
+_NON_NEGATIVE = (0.0, math.inf, False, True)  # finite and >= 0
 
 
 def _choices(*values: str, default: Any = dataclasses.MISSING, number: tuple | None = None) -> Any:
@@ -62,12 +64,12 @@ def _within(low: float, high: float, default: Any, *, open_low: bool = False, op
 
 def _positive(default: float) -> Any:
     """A float field that must be finite and > 0 (a learning rate: 0 trains nothing, inf diverges)."""
-    return _within(0.0, math.inf, default, open_low=True, open_high=True)
+    return field(default=default, metadata={"interval": _POSITIVE})
 
 
 def _finite(default: float) -> Any:
     """A float field that must be finite and >= 0."""
-    return _within(0.0, math.inf, default, open_high=True)
+    return field(default=default, metadata={"interval": _NON_NEGATIVE})
 
 
 def _interval_holds(value: float, low: float, high: float, open_low: bool, open_high: bool) -> bool:
@@ -161,7 +163,7 @@ class ICNNConfig:
     beta: str | float = _choices("learned", default="learned", number=_POSITIVE)  # or a fixed value, the paper's cells
     loss: str = _choices("reference", "mutual-information", default="reference")
     # or a number >= 0 (at epoch 1, divided by the epoch; a negative one would invert the loss)
-    kappa: str | float = _choices("auto", default="auto", number=(0.0, math.inf, False, True))
+    kappa: str | float = _choices("auto", default="auto", number=_NON_NEGATIVE)
     a: float = 0.5
     guard: bool = False
     category_momentum: float = 0.9

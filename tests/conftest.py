@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,24 @@ def user_builder(tmp_path, monkeypatch) -> Path:
     monkeypatch.delitem(sys.modules, module, raising=False)
     yield marker
     sys.modules.pop(module, None)
+
+
+@contextmanager
+def interrupted_at_call(monkeypatch: pytest.MonkeyPatch, owner: object, name: str, call: int = 2) -> Iterator[None]:
+    """Within the block, ``owner.name`` raises KeyboardInterrupt (a Ctrl-C) on its ``call``-th call, and the
+    block must end in that interrupt: a run stopped for real midway, to test what it leaves and how it resumes."""
+    real, calls = getattr(owner, name), []
+
+    def stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(owner, name, stop)
+        with pytest.raises(KeyboardInterrupt):
+            yield
 
 
 def name_builder(model_file: Path, arch: str, out: Path) -> Path:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch_pruning as tp
+from conftest import interrupted_at_call
 from torch import nn
 
 import icnn_compress.train
@@ -392,18 +393,8 @@ def test_a_run_made_on_a_gpu_recovers_on_the_device_prune_is_given(trained_run, 
 def test_an_interrupted_recovery_resumes(trained_run, tmp_path, monkeypatch):
     out = tmp_path / "r"
     settings = dict(criterion="l1", target_macs=0.7, steps=4, device="cpu", progress=False)
-    real, calls = icnn_compress.train._train_epoch, []
-
-    def stop_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(icnn_compress.train, "_train_epoch", stop_in_epoch_2)
-        with pytest.raises(KeyboardInterrupt):
-            prune_run(trained_run, out=out, recover_epochs=2, **settings)
+    with interrupted_at_call(monkeypatch, icnn_compress.train, "_train_epoch"):  # in recovery epoch 2
+        prune_run(trained_run, out=out, recover_epochs=2, **settings)
     assert not (out / "pruning.json").exists() and not (out / "model.pt").exists()
     record = prune_run(trained_run, out=out, recover_epochs=2, resume=True, **settings)
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import interrupted_at_call
 
 import icnn_compress.train
-
 from icnn_compress.checkpoint import atomic_save, load_model_file
 from icnn_compress.errors import CheckpointError, DatasetError, ModelError, RunFolderError, TrainingError
 from icnn_compress.evaluate import evaluate_run
@@ -46,18 +46,8 @@ def test_resume_continues_to_the_same_weights_as_one_run(tiny_recipe, tmp_path, 
     straight = tmp_path / "straight"
     finetune(tiny_recipe(), straight, arm="masks-only", progress=False)
     split = tmp_path / "split"
-    real, calls = icnn_compress.train.validate_filters, []
-
-    def stop_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(icnn_compress.train, "validate_filters", stop_in_epoch_2)
-        with pytest.raises(KeyboardInterrupt):
-            finetune(tiny_recipe(), split, arm="masks-only", progress=False)
+    with interrupted_at_call(monkeypatch, icnn_compress.train, "validate_filters"):  # in epoch 2
+        finetune(tiny_recipe(), split, arm="masks-only", progress=False)
     assert not (split / "model.pt").exists() and [r["epoch"] for r in _records(split)] == [1]
     finetune(tiny_recipe(), split, arm="masks-only", resume=True, progress=False)
     assert [r["epoch"] for r in _records(split)] == [1, 2]
@@ -175,18 +165,8 @@ def test_pretrain_writes_a_loadable_plain_state_dict(tiny_recipe, tmp_path):
 def test_an_interrupted_pretrain_resumes_to_the_same_weights(tiny_recipe, tmp_path, monkeypatch):
     recipe = tiny_recipe("pretrain.epochs=2")
     straight = torch.load(pretrain(recipe, tmp_path / "straight", progress=False), weights_only=True)
-    real, calls = icnn_compress.train.validate, []
-
-    def stop_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(icnn_compress.train, "validate", stop_in_epoch_2)
-        with pytest.raises(KeyboardInterrupt):
-            pretrain(recipe, tmp_path / "split", progress=False)
+    with interrupted_at_call(monkeypatch, icnn_compress.train, "validate"):  # in epoch 2
+        pretrain(recipe, tmp_path / "split", progress=False)
     assert not (tmp_path / "split" / "model.pth").exists()
     with pytest.raises(RunFolderError, match="pass --resume"):
         pretrain(recipe, tmp_path / "split", progress=False)
