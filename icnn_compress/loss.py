@@ -14,19 +14,25 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from .mask import InterpretableMask, grid_coordinates, peak_cells
+from .mask import InterpretableMask, beta_update, category_update, compiled, grid_coordinates, peak_cells
 
 __all__ = [
     "FORMS",
     "FilterLoss",
     "LayerStats",
+    "StepResult",
     "class_weights",
     "mutual_information_loss",
+    "filter_loss_step",
+    "injected_gradient",
+    "injection_backward",
     "positive_pairs",
+    "reference_coefficients",
     "reference_gradient",
 ]
 
@@ -50,6 +56,58 @@ def _normalised_weights(z: Tensor, value: Tensor, select: Tensor, guard: bool) -
     count = select.sum(dim=0, keepdim=True).clamp(min=1)
     denom = (omega.abs() if guard else omega).sum(dim=0, keepdim=True) / count
     return _sanitise(omega / denom)
+
+
+def reference_coefficients(
+    x: Tensor,
+    m: Tensor,
+    positive: Tensor,
+    *,
+    w_pos: Tensor,
+    w_neg: Tensor,
+    kappa: float,
+    a: float = 0.5,
+    guard: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Return the reference gradient's per-map coefficients (c⁺, c⁻), each (B, D) float64, and its −MI, (D,).
+
+    The injected gradient is ``c⁻ + c⁺·m`` (:func:`injected_gradient`); see :func:`reference_gradient` for the
+    arguments. Everything here is (B, D)-sized apart from three map-sized products and their sums, so that the
+    map-sized gradient can be made where it is added (the backward hook), fused with that addition.
+    """
+    b = x.shape[0]
+    work = torch.promote_types(x.dtype, torch.float32)
+    xw, mw = x.detach().to(work), m.detach().to(work)
+    cells = x.shape[-2] * x.shape[-1]
+    pos = positive.bool()
+    neg = ~pos
+    s = (xw * mw).sum(dim=(2, 3), dtype=torch.float64) / cells  # (B, D) strength inside the mask
+    r = xw.sum(dim=(2, 3), dtype=torch.float64) / cells  # (B, D) mean activation
+    # Monte-Carlo log-partitions: maps paired with masks of the reversed image and reversed filter.
+    cross = (xw * mw.flip(0, 1)).sum(dim=(2, 3), dtype=torch.float64) / cells
+    log_b = math.log(b)
+    a_pos = a * (torch.logsumexp(cross / a, dim=0) - log_b)  # (D,)
+    a_neg = a * (torch.logsumexp(-r / a, dim=0) - log_b)
+    omega_pos = _normalised_weights(s / a, s - a_pos + a, pos, guard)
+    omega_neg = _normalised_weights(-r / a, -r - a_neg + a, neg, guard)
+    coef_pos = -kappa * w_pos.double() * omega_pos / b  # (B, D)
+    coef_neg = kappa * w_neg.double() * omega_neg / b
+    # −MI under the target-template approximation: −Σ p log p with p = e^{(s−A)/a}, per target family.
+    lp = torch.where(pos, (s - a_pos) / a, torch.zeros_like(s))
+    ln = torch.where(neg, (-r - a_neg) / a, torch.zeros_like(r))
+    plogp = torch.exp(lp) * lp * pos
+    qlogq = torch.exp(ln) * ln * neg
+    n_pos = pos.sum(dim=0).clamp(min=1)
+    n_neg = neg.sum(dim=0).clamp(min=1)
+    neg_mi = -(w_pos.double() * plogp.sum(dim=0) / n_pos + w_neg.double() * qlogq.sum(dim=0) / n_neg)
+    return coef_pos, coef_neg, neg_mi
+
+
+def injected_gradient(coef_pos: Tensor, coef_neg: Tensor, m: Tensor, dtype: torch.dtype) -> Tensor:
+    """Return the map-sized injected gradient ``c⁻ + c⁺·m`` in ``dtype`` (NaN → 0), (B, D, h, w)."""
+    work = torch.promote_types(dtype, torch.float32)
+    grad = torch.addcmul(coef_neg.to(work)[..., None, None], coef_pos.to(work)[..., None, None], m.detach().to(work))
+    return torch.nan_to_num_(grad, nan=0.0).to(dtype)
 
 
 def reference_gradient(
@@ -79,33 +137,9 @@ def reference_gradient(
     products stay float32 (exact for bf16 maps) and only their sums are float64: full float64 copies of
     the maps doubled this function's memory traffic on a GPU.
     """
-    b = x.shape[0]
-    work = torch.promote_types(x.dtype, torch.float32)
-    xw, mw = x.detach().to(work), m.detach().to(work)
-    cells = x.shape[-2] * x.shape[-1]
-    pos = positive.bool()
-    neg = ~pos
-    s = (xw * mw).sum(dim=(2, 3), dtype=torch.float64) / cells  # (B, D) strength inside the mask
-    r = xw.sum(dim=(2, 3), dtype=torch.float64) / cells  # (B, D) mean activation
-    # Monte-Carlo log-partitions: maps paired with masks of the reversed image and reversed filter.
-    cross = (xw * mw.flip(0, 1)).sum(dim=(2, 3), dtype=torch.float64) / cells
-    log_b = math.log(b)
-    a_pos = a * (torch.logsumexp(cross / a, dim=0) - log_b)  # (D,)
-    a_neg = a * (torch.logsumexp(-r / a, dim=0) - log_b)
-    omega_pos = _normalised_weights(s / a, s - a_pos + a, pos, guard)
-    omega_neg = _normalised_weights(-r / a, -r - a_neg + a, neg, guard)
-    coef_pos = -kappa * w_pos.double() * omega_pos / b  # (B, D)
-    coef_neg = kappa * w_neg.double() * omega_neg / b
-    grad = torch.addcmul(coef_neg.to(work)[..., None, None], coef_pos.to(work)[..., None, None], mw)
-    # −MI under the target-template approximation: −Σ p log p with p = e^{(s−A)/a}, per target family.
-    lp = torch.where(pos, (s - a_pos) / a, torch.zeros_like(s))
-    ln = torch.where(neg, (-r - a_neg) / a, torch.zeros_like(r))
-    plogp = torch.exp(lp) * lp * pos
-    qlogq = torch.exp(ln) * ln * neg
-    n_pos = pos.sum(dim=0).clamp(min=1)
-    n_neg = neg.sum(dim=0).clamp(min=1)
-    neg_mi = -(w_pos.double() * plogp.sum(dim=0) / n_pos + w_neg.double() * qlogq.sum(dim=0) / n_neg)
-    return torch.nan_to_num_(grad, nan=0.0).to(x.dtype), neg_mi
+    coef_pos, coef_neg, neg_mi = reference_coefficients(x, m, positive, w_pos=w_pos, w_neg=w_neg, kappa=kappa, a=a,
+                                                        guard=guard)
+    return injected_gradient(coef_pos, coef_neg, m, x.dtype), neg_mi
 
 
 def _template_kernels(beta: Tensor, h: int, w: int) -> Tensor:
@@ -178,14 +212,102 @@ def positive_pairs(labels: Tensor, category: Tensor, single_category: int | None
 
 def class_weights(mask: InterpretableMask, single_category: int | None) -> tuple[Tensor, Tensor]:
     """Return (w⁺, w⁻) per filter, (D,): 1 and 1 single-category, else 0.5/ρ_c and 0.5/(1 − ρ_c)."""
-    d = mask.num_filters
+    return _class_weights(mask.category, mask.class_freq, single_category)
+
+
+def _class_weights(category: Tensor, class_freq: Tensor, single_category: int | None) -> tuple[Tensor, Tensor]:
     if single_category is not None:
-        one = torch.ones(d, device=mask.beta.device)
+        one = torch.ones(category.shape[0], device=class_freq.device)
         return one, one
-    c = mask.num_classes
-    freq = mask.class_freq if c <= 10 else torch.full_like(mask.class_freq, 1.0 / c)
-    rho = freq[mask.category]
+    c = class_freq.shape[0]
+    freq = class_freq if c <= 10 else torch.full_like(class_freq, 1.0 / c)
+    rho = freq[category]
     return 0.5 / rho, 0.5 / (1 - rho).clamp(min=1e-6)
+
+
+class StepResult(NamedTuple):
+    """What :func:`filter_loss_step` returns for one masked layer and batch (every entry on the device)."""
+
+    fired: Tensor  # (D,) images where the filter's map is not all zero
+    peak_max: Tensor  # (D,) the batch's largest activation per filter
+    positive: Tensor  # (B, D) bool, from the categories before this batch's update
+    w_pos: Tensor | None  # (D,) w⁺, w⁻ when ``inject``
+    w_neg: Tensor | None
+    coef_pos: Tensor | None  # (B, D) the reference gradient's coefficients (``inject`` and ``reference``)
+    coef_neg: Tensor | None
+    neg_mi: Tensor | None  # (D,) its −MI estimate
+
+
+def filter_loss_step(
+    x: Tensor,
+    m: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    labels: Tensor,
+    class_peak: Tensor,
+    class_seen: Tensor,
+    class_freq: Tensor,
+    beta: Tensor,
+    beta_velocity: Tensor,
+    *,
+    single_category: int | None,
+    inject: bool,
+    reference: bool,
+    learn_beta: bool,
+    update: bool,
+    kappa: float,
+    a: float,
+    guard: bool,
+    lr: float,
+    momentum: float,
+    category_momentum: float,
+    beta_lr: float,
+    beta_grad: float,
+) -> StepResult:
+    """One masked layer's filter-loss work for one training batch, as one function; returns a :class:`StepResult`.
+
+    In order: the images positive for each filter (from the categories as they stand), the batch's peak
+    statistics, (``inject``) the weights w± and (``reference``) the reference gradient's coefficients with
+    their log-sum-exp partitions, then (``update``) the learned β step (``learn_beta``) and the category EMA,
+    both in place on the mask's buffers. Every value stays on the device (no host sync, no data-dependent
+    Python branch), so ``torch.compile`` fuses it into a few kernels; eager, it runs exactly the ops of the
+    unfused methods (:meth:`InterpretableMask.update_beta`, :meth:`~InterpretableMask.update_categories`,
+    :func:`reference_gradient`), so eager results do not change.
+
+    Args:
+        x, m: the masked layer's input maps and their masks, (B, D, h, w). rows, cols: their peak cells, (B, D).
+        labels: (B,). class_peak, class_seen, class_freq, beta, beta_velocity: the mask's buffers.
+        The keywords: the filter loss' and the mask's settings and the step's κ, learning rate and momentum;
+        compiled, pass κ and the learning rate as 0-d float64 tensors (they change between steps).
+    """
+    with torch.no_grad():
+        category = class_peak.argmax(dim=0)
+        positive = positive_pairs(labels, category, single_category)
+        peaks = x.detach().amax(dim=(2, 3)).float()  # (B, D); max is exact in any dtype
+        fired = (peaks > 0).sum(dim=0)
+        top = peaks.amax(dim=0)
+        w_pos = w_neg = coef_pos = coef_neg = neg_mi = None
+        if inject:
+            w_pos, w_neg = _class_weights(category, class_freq, single_category)
+            if reference:
+                coef_pos, coef_neg, neg_mi = reference_coefficients(x, m, positive, w_pos=w_pos, w_neg=w_neg,
+                                                                    kappa=kappa, a=a, guard=guard)
+        if update:
+            if learn_beta:
+                beta_update(beta, beta_velocity, x, m, rows, cols, positive, lr=lr, momentum=momentum,
+                            beta_lr=beta_lr, beta_grad=beta_grad)
+            category_update(class_peak, class_seen, peaks, labels, category_momentum)
+    return StepResult(fired, top, positive, w_pos, w_neg, coef_pos, coef_neg, neg_mi)
+
+
+def injection_backward(g: Tensor, coef_pos: Tensor, coef_neg: Tensor, m: Tensor, apply: bool
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward side of the reference gradient: returns (g + injection, or g unchanged when not ``apply``;
+    ‖g‖²; ‖injection‖²), the injection made here from its coefficients (:func:`injected_gradient`)."""
+    injected = injected_gradient(coef_pos, coef_neg, m, g.dtype)
+    task_sq = g.detach().float().pow(2).sum()
+    inj_sq = injected.detach().float().pow(2).sum()
+    return (g + injected if apply else g), task_sq, inj_sq
 
 
 @dataclass
@@ -221,6 +343,11 @@ class FilterLoss:
     and, while active with κ > 0, adds the reference gradient to its input's gradient or records its
     mutual-information loss. ``measure=True`` computes the injection per unit κ and records its norm
     against the task gradient's without applying it (the κ pilot).
+
+    ``compile=True`` runs the mask's forward (:func:`~icnn_compress.mask.masked_maps`), the per-batch work
+    (:func:`filter_loss_step`) and the injection's backward (:func:`injection_backward`) through
+    ``torch.compile``: a few fused kernels per masked layer and direction instead of one per elementwise op
+    (issue 21). The results agree with eager to float tolerance; eager (the default) is the reference.
     """
 
     def __init__(
@@ -231,6 +358,7 @@ class FilterLoss:
         a: float = 0.5,
         guard: bool = False,
         single_category: int | None = None,
+        compile: bool = False,
     ) -> None:
         if form not in FORMS:
             raise ValueError(f"loss form must be one of {FORMS}, got {form!r}")
@@ -243,6 +371,11 @@ class FilterLoss:
         self.single_category = single_category
         self.stats: dict[str, LayerStats] = {n: LayerStats() for n in self.masks}
         self._losses: list[Tensor] = []
+        self.compile = compile
+        for mask in self.masks.values():
+            mask.compiled = compile
+        self._step = compiled(filter_loss_step) if compile else filter_loss_step
+        self._backward = compiled(injection_backward) if compile else injection_backward
 
     def reset_stats(self) -> None:
         """Start a new accumulation period (an epoch, or the pilot)."""
@@ -280,22 +413,28 @@ class FilterLoss:
               step: tuple[float, float]):
         stats = self.stats[name]
 
-        def hook(mask: InterpretableMask, x: Tensor, m: Tensor) -> None:
+        def hook(mask: InterpretableMask, x: Tensor, m: Tensor, cells: tuple[Tensor, Tensor]) -> None:
             if not mask.training:
                 return
-            positive = positive_pairs(labels, mask.category, self.single_category)
-            peaks = x.detach().amax(dim=(2, 3)).float()  # (B, D); max is exact in any dtype
-            stats.add("fired", (peaks > 0).sum(dim=0))
-            top = peaks.amax(dim=0)
-            stats.peak_max = top if stats.peak_max is None else torch.maximum(stats.peak_max, top)
-            stats.images += x.shape[0]
             inject = mask.active and x.requires_grad and (kappa > 0 or measure)
+            strength, lr = (1.0 if measure else kappa), step[0]
+            if self.compile:
+                # Numbers that change from step to step enter the graph as 0-d (host) tensors: as Python
+                # floats dynamo would specialise on them and recompile at every new learning rate.
+                strength, lr = torch.tensor(strength, dtype=torch.float64), torch.tensor(lr, dtype=torch.float64)
+            out = self._step(
+                x, m, cells[0], cells[1], labels, mask.class_peak, mask.class_seen, mask.class_freq, mask.beta,
+                mask.beta_velocity, single_category=self.single_category, inject=inject,
+                reference=self.form == "reference", learn_beta=mask.active and mask.beta_mode == "learned",
+                update=update, kappa=strength, a=self.a, guard=self.guard, lr=lr,
+                momentum=step[1], category_momentum=mask.category_momentum, beta_lr=mask.beta_lr,
+                beta_grad=mask.beta_grad,
+            )
+            stats.add("fired", out.fired)
+            stats.peak_max = out.peak_max if stats.peak_max is None else torch.maximum(stats.peak_max, out.peak_max)
+            stats.images += x.shape[0]
             if inject:
-                self._inject(mask, stats, x, m, positive, kappa, measure)
-            if update:
-                if mask.active:
-                    mask.update_beta(x, m, positive, lr=step[0], momentum=step[1])
-                mask.update_categories(x, labels)
+                self._inject(mask, stats, x, m, cells, out, kappa, measure)
 
         return hook
 
@@ -305,23 +444,20 @@ class FilterLoss:
         stats: LayerStats,
         x: Tensor,
         m: Tensor,
-        positive: Tensor,
+        cells: tuple[Tensor, Tensor],
+        out: StepResult,
         kappa: float,
         measure: bool,
     ) -> None:
-        w_pos, w_neg = class_weights(mask, self.single_category)
         strength = 1.0 if measure else kappa
         if self.form == "reference":
-            grad, neg_mi = reference_gradient(
-                x, m, positive, w_pos=w_pos, w_neg=w_neg, kappa=strength, a=self.a, guard=self.guard
-            )
-            stats.add("neg_mi", neg_mi.mean().float())
+            stats.add("neg_mi", out.neg_mi.mean().float())
             stats.batches += 1
-            x.register_hook(self._measuring_hook(stats, grad, apply=not measure))
+            x.register_hook(self._injecting_hook(stats, out.coef_pos, out.coef_neg, m, apply=not measure))
             return
-        rows, cols = peak_cells(x.detach(), mask.peak)
+        rows, cols = cells
         per_filter = mutual_information_loss(
-            x, mask.grid_beta(x.shape[-2]), rows, cols, positive, w_pos=w_pos, w_neg=w_neg
+            x, mask.grid_beta(x.shape[-2]), rows, cols, out.positive, w_pos=out.w_pos, w_neg=out.w_neg
         )
         stats.add("neg_mi", per_filter.detach().mean())
         stats.batches += 1
@@ -331,6 +467,17 @@ class FilterLoss:
             x.register_hook(self._measuring_hook(stats, grad, apply=False))
         else:
             self._losses.append(total)
+
+    def _injecting_hook(self, stats: LayerStats, coef_pos: Tensor, coef_neg: Tensor, m: Tensor, *, apply: bool):
+        """Add the reference gradient ``c⁻ + c⁺·m`` to x's gradient (when ``apply``) and record both norms."""
+
+        def hook(g: Tensor) -> Tensor:
+            new, task_sq, inj_sq = self._backward(g, coef_pos, coef_neg, m, apply)
+            stats.add("task_sq", task_sq)
+            stats.add("inj_sq", inj_sq)
+            return new
+
+        return hook
 
     @staticmethod
     def _measuring_hook(stats: LayerStats, injected: Tensor, *, apply: bool):

@@ -15,13 +15,13 @@ from torch import Tensor, nn
 
 __all__ = [
     "InterpretableMask",
+    "PEAK_RULES",
     "grid_coordinates",
+    "masked_maps",
     "paper_beta_to_grid",
     "peak_cells",
     "template_masks",
 ]
-
-PEAKS = ("centroid", "argmax")
 
 
 def grid_coordinates(n: int, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -36,18 +36,16 @@ def paper_beta_to_grid(beta: float, n: int) -> float:
     return beta * (n - 1) / (2 * n)
 
 
-def peak_cells(x: Tensor, peak: str) -> tuple[Tensor, Tensor]:
-    """Return the (row, col) cell of each map's peak, each (B, D) long.
-
-    ``centroid`` is the released code's activation-weighted centroid, rounded half up; an all-zero map
-    gives the first cell. ``argmax`` is the paper's µ̂ (ties: the first cell in row-major order).
-    """
+def _argmax_cells(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The paper's µ̂: the largest cell (ties: the first in row-major order)."""
     b, d, h, w = x.shape
-    if peak == "argmax":
-        flat = x.reshape(b, d, h * w).argmax(dim=-1)
-        return flat // w, flat % w
-    if peak != "centroid":
-        raise ValueError(f"peak must be one of {PEAKS}, got {peak!r}")
+    flat = x.reshape(b, d, h * w).argmax(dim=-1)
+    return flat // w, flat % w
+
+
+def _centroid_cells(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The released code's µ̂: the activation-weighted centroid, rounded half up (all-zero map: first cell)."""
+    b, d, h, w = x.shape
     xf = x.float()
     mass = xf.sum(dim=(2, 3))  # (B, D)
     rows = torch.arange(h, device=x.device, dtype=torch.float32)
@@ -59,6 +57,28 @@ def peak_cells(x: Tensor, peak: str) -> tuple[Tensor, Tensor]:
     ri = torch.floor(torch.nan_to_num(ri, nan=0.0) + 0.5).clamp_(0, h - 1).long()
     ci = torch.floor(torch.nan_to_num(ci, nan=0.0) + 0.5).clamp_(0, w - 1).long()
     return ri, ci
+
+
+# Peak rules µ̂ by the name ``icnn.peak`` gives them: each maps (B, D, h, w) maps to their (row, col) cells,
+# each (B, D) long, with tensor ops only (no host sync, no data-dependent Python branch), so that the fused
+# mask function (masked_maps) compiles with any of them. A new rule is one more entry here.
+PEAK_RULES: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
+    "centroid": _centroid_cells,
+    "argmax": _argmax_cells,
+}
+PEAKS = tuple(PEAK_RULES)
+
+
+def peak_cells(x: Tensor, peak: str) -> tuple[Tensor, Tensor]:
+    """Return the (row, col) cell of each map's peak, each (B, D) long.
+
+    ``centroid`` is the released code's activation-weighted centroid, rounded half up; an all-zero map
+    gives the first cell. ``argmax`` is the paper's µ̂ (ties: the first cell in row-major order).
+    """
+    rule = PEAK_RULES.get(peak)
+    if rule is None:
+        raise ValueError(f"peak must be one of {PEAKS}, got {peak!r}")
+    return rule(x)
 
 
 def template_masks(rows: Tensor, cols: Tensor, beta: Tensor, h: int, w: int) -> Tensor:
@@ -73,6 +93,80 @@ def template_masks(rows: Tensor, cols: Tensor, beta: Tensor, h: int, w: int) -> 
         v[None, None, None, :] - v[cols][..., None, None]
     ).abs()  # (B, D, h, w)
     return torch.clamp(1.0 - beta.to(dtype)[None, :, None, None] * dist, min=-1.0)
+
+
+def masked_maps(x: Tensor, beta: Tensor, peak: str, active: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Return ``relu(x ∘ m)`` (or x itself when not ``active``), the masks m and the peak cells (rows, cols).
+
+    The mask layer's whole forward as one function (the peak rule, the templates and the product), so that
+    ``torch.compile`` fuses it into a few kernels; eager, it runs exactly the ops of the unfused layer.
+    m is in x's dtype and carries no gradient (µ̂ is a constant).
+
+    Args:
+        x: the post-ReLU maps, (B, D, h, w). beta: each filter's β on the [-1, 1] grid, (D,).
+        peak: a name of :data:`PEAK_RULES`. active: ``False`` passes x through (the baseline's mask).
+    """
+    h, w = x.shape[-2:]
+    with torch.no_grad():
+        rows, cols = peak_cells(x, peak)
+        m = template_masks(rows, cols, beta.float(), h, w).to(x.dtype)  # (B, D, h, w)
+    return (torch.relu(x * m) if active else x), m, rows, cols
+
+
+def category_update(class_peak: Tensor, class_seen: Tensor, peaks: Tensor, labels: Tensor, momentum: float) -> None:
+    """Fold one batch's peaks (B, D) into the per-class EMA ``class_peak`` (C, D) and ``class_seen`` (C,), in place."""
+    c = class_peak.shape[0]
+    labels = labels.clamp(max=c - 1) if c == 1 else labels
+    onehot = torch.nn.functional.one_hot(labels, c).float()  # (B, C)
+    count = onehot.sum(dim=0)  # (C,)
+    batch_mean = (onehot.t() @ peaks) / count.clamp(min=1)[:, None]  # (C, D)
+    present = count > 0
+    mom = torch.where(class_seen, momentum, 0.0)[:, None]
+    updated = mom * class_peak + (1 - mom) * batch_mean
+    class_peak.copy_(torch.where(present[:, None], updated, class_peak))
+    class_seen |= present
+
+
+def beta_update(beta: Tensor, velocity: Tensor, x: Tensor, m: Tensor, rows: Tensor, cols: Tensor, positive: Tensor,
+                *, lr: float | Tensor, momentum: float, beta_lr: float, beta_grad: float) -> None:
+    """One step of the learned β (and its momentum ``velocity``), in place: see :meth:`InterpretableMask.update_beta`.
+
+    ``rows``, ``cols``: the maps' peak cells (B, D), as the mask found them.
+    """
+    h, w = x.shape[-2:]
+    xf = x.detach().float()
+    i = torch.arange(h, device=x.device, dtype=torch.float32)
+    j = torch.arange(w, device=x.device, dtype=torch.float32)
+    d2 = (i[None, None, :, None] - rows[..., None, None]) ** 2 + (
+        j[None, None, None, :] - cols[..., None, None]
+    ) ** 2  # (B, D, h, w)
+    mass = xf.sum(dim=(2, 3))
+    sigma = torch.sqrt((d2 * xf).sum(dim=(2, 3)) / mass.clamp(min=1e-12))  # (B, D); 0 for an all-zero map
+    strength = (xf * m.float()).mean(dim=(2, 3)) * positive  # (B, D), raw
+    total = strength.sum(dim=0)  # (D,)
+    # σ̄ = Σsσ / Σs; 3/σ̄ is +inf at σ̄ = 0 and negative for a negative total, both then clipped.
+    inverse = total / (strength * sigma).sum(dim=0)
+    target = torch.clamp(torch.nan_to_num(3.0 * inverse, nan=3.0), 1.5, 3.0)
+    target = torch.where(positive.any(dim=0), target, torch.full_like(target, 3.0))
+    grad = -beta_grad * (target - beta)
+    if torch.compiler.is_compiling():
+        # The learning rate changes every step: passed as a 0-d tensor it stays a graph input, while an
+        # ``alpha=`` number would be specialised and recompile the graph at each step.
+        velocity.mul_(momentum).add_(grad * (lr * -beta_lr))
+    else:
+        velocity.mul_(momentum).add_(grad, alpha=-beta_lr * lr)
+    beta.add_(velocity)
+
+
+_COMPILED: dict[Callable, Callable] = {}
+
+
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)``, made once per function and reused (its graphs are cached per input shapes and
+    dtypes, so every layer and step after the first of a shape reuses them)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn)
+    return _COMPILED[fn]
 
 
 class InterpretableMask(nn.Module):
@@ -125,16 +219,18 @@ class InterpretableMask(nn.Module):
         self.register_buffer("class_seen", torch.zeros(num_classes, dtype=torch.bool))
         # Class frequency ρ_c of the training set (for the multi-category weights w⁺, w⁻).
         self.register_buffer("class_freq", torch.full((num_classes,), 1.0 / num_classes))
-        # Called with (mask, x, m) on each forward while the filter loss trains this layer (loss.py).
-        self.hook: Callable[[InterpretableMask, Tensor, Tensor], None] | None = None
+        # Called with (mask, x, m, (rows, cols)) on each forward while the filter loss trains this layer (loss.py).
+        self.hook: Callable[[InterpretableMask, Tensor, Tensor, tuple[Tensor, Tensor]], None] | None = None
+        # Run the forward as the compiled masked_maps (torch.compile; see FilterLoss(compile=True)).
+        self.compiled = False
 
     @property
-    def hook(self) -> Callable[[InterpretableMask, Tensor, Tensor], None] | None:
+    def hook(self) -> Callable[[InterpretableMask, Tensor, Tensor, tuple[Tensor, Tensor]], None] | None:
         """The filter loss' callback for the current batch, or None (see ``FilterLoss.batch``)."""
         return self._hook
 
     @hook.setter
-    def hook(self, fn: Callable[[InterpretableMask, Tensor, Tensor], None] | None) -> None:
+    def hook(self, fn: Callable[[InterpretableMask, Tensor, Tensor, tuple[Tensor, Tensor]], None] | None) -> None:
         # forward() reads only this flag: under torch.compile a bool is guarded by value, while the
         # filter loss installs a new closure every batch, which would recompile the graph every step.
         self._hook = fn
@@ -169,36 +265,32 @@ class InterpretableMask(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # x: (B, D, h, w), post-ReLU
         if not self.active and not self.hooked:
             return x
-        m = self.masks_for(x)
+        fn = compiled(masked_maps) if self.compiled and not torch.compiler.is_compiling() else masked_maps
+        out, m, rows, cols = fn(x, self.grid_beta(x.shape[-2]), self.peak, self.active)
         if self.hooked:
-            self._run_hook(x, m)
-        if not self.active:
-            return x
-        return torch.relu(x * m)
+            self._run_hook(x, m, (rows, cols))
+        return out
 
     @torch.compiler.disable
-    def _run_hook(self, x: Tensor, m: Tensor) -> None:
+    def _run_hook(self, x: Tensor, m: Tensor, cells: tuple[Tensor, Tensor]) -> None:
         """The filter loss' per-batch work, always eager: a compiled model breaks its graph here instead
-        of tracing the hook (its statistics and closures change every batch)."""
-        self._hook(self, x, m)
+        of tracing the hook (its statistics and closures change every batch); the hook compiles its own
+        fused functions when asked (``FilterLoss(compile=True)``)."""
+        self._hook(self, x, m, cells)
 
     @torch.no_grad()
-    def update_categories(self, x: Tensor, labels: Tensor) -> None:
-        """Fold one training batch into the per-class mean peak (EMA, momentum ``category_momentum``)."""
-        c = self.num_classes
-        peaks = x.detach().amax(dim=(2, 3)).float()  # (B, D); max is exact in any dtype
-        labels = labels.clamp(max=c - 1) if c == 1 else labels
-        onehot = torch.nn.functional.one_hot(labels, c).float()  # (B, C)
-        count = onehot.sum(dim=0)  # (C,)
-        batch_mean = (onehot.t() @ peaks) / count.clamp(min=1)[:, None]  # (C, D)
-        present = count > 0
-        mom = torch.where(self.class_seen, self.category_momentum, 0.0)[:, None]
-        updated = mom * self.class_peak + (1 - mom) * batch_mean
-        self.class_peak.copy_(torch.where(present[:, None], updated, self.class_peak))
-        self.class_seen |= present
+    def update_categories(self, x: Tensor, labels: Tensor, *, peaks: Tensor | None = None) -> None:
+        """Fold one training batch into the per-class mean peak (EMA, momentum ``category_momentum``).
+
+        ``peaks``: the maps' maxima ``x.amax(dim=(2, 3)).float()``, (B, D), when the caller has them.
+        """
+        if peaks is None:
+            peaks = x.detach().amax(dim=(2, 3)).float()  # (B, D); max is exact in any dtype
+        category_update(self.class_peak, self.class_seen, peaks, labels, self.category_momentum)
 
     @torch.no_grad()
-    def update_beta(self, x: Tensor, m: Tensor, positive: Tensor, *, lr: float, momentum: float = 0.9) -> None:
+    def update_beta(self, x: Tensor, m: Tensor, positive: Tensor, *, lr: float, momentum: float = 0.9,
+                    cells: tuple[Tensor, Tensor] | None = None) -> None:
         """Move the learned β toward clip(3/σ̄, 1.5, 3) as the released code does, σ̄ in cell units.
 
         σ̄_d is the strength-weighted mean spread σ = sqrt(Σ((i−î)² + (j−ĵ)²)·x_ij / Σx_ij) of filter
@@ -211,28 +303,13 @@ class InterpretableMask(nn.Module):
         Args:
             x: the masked layer's input maps, (B, D, h, w). m: their masks.
             positive: (B, D) bool. lr: the step's learning rate. momentum: the optimiser's momentum.
+            cells: the maps' peak cells (rows, cols), each (B, D), when the caller has them (the mask's forward).
         """
         if self.beta_mode != "learned":
             return
-        h, w = x.shape[-2:]
-        xf = x.detach().float()
-        rows, cols = peak_cells(xf, self.peak)
-        i = torch.arange(h, device=x.device, dtype=torch.float32)
-        j = torch.arange(w, device=x.device, dtype=torch.float32)
-        d2 = (i[None, None, :, None] - rows[..., None, None]) ** 2 + (
-            j[None, None, None, :] - cols[..., None, None]
-        ) ** 2  # (B, D, h, w)
-        mass = xf.sum(dim=(2, 3))
-        sigma = torch.sqrt((d2 * xf).sum(dim=(2, 3)) / mass.clamp(min=1e-12))  # (B, D); 0 for an all-zero map
-        strength = (xf * m.float()).mean(dim=(2, 3)) * positive  # (B, D), raw
-        total = strength.sum(dim=0)  # (D,)
-        # σ̄ = Σsσ / Σs; 3/σ̄ is +inf at σ̄ = 0 and negative for a negative total, both then clipped.
-        inverse = total / (strength * sigma).sum(dim=0)
-        target = torch.clamp(torch.nan_to_num(3.0 * inverse, nan=3.0), 1.5, 3.0)
-        target = torch.where(positive.any(dim=0), target, torch.full_like(target, 3.0))
-        grad = -self.beta_grad * (target - self.beta)
-        self.beta_velocity.mul_(momentum).add_(grad, alpha=-self.beta_lr * lr)
-        self.beta.add_(self.beta_velocity)
+        rows, cols = cells if cells is not None else peak_cells(x.detach().float(), self.peak)
+        beta_update(self.beta, self.beta_velocity, x, m, rows, cols, positive, lr=lr, momentum=momentum,
+                    beta_lr=self.beta_lr, beta_grad=self.beta_grad)
 
     def extra_repr(self) -> str:
         beta = self.beta_mode if self.beta_mode == "learned" else f"{self.beta_mode} (paper units)"

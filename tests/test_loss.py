@@ -212,3 +212,64 @@ def test_a_compiled_model_compiles_once_and_keeps_the_filter_loss_eager():
     assert fls[0].stats["2"].images == 18 and fls[0].stats["2"].batches == 3  # the hook ran every step
     assert torch.allclose(model[0].weight.grad, eager[0].weight.grad)
     assert torch.equal(model[2].class_peak, eager[2].class_peak) and torch.equal(model[2].beta, eager[2].beta)
+
+
+def test_fused_functions_have_no_graph_break():
+    """The mask's forward, the per-batch filter-loss work and the injection's backward each trace as one graph
+    (issue 21): nothing in them syncs with the host or branches on data."""
+    from icnn_compress.loss import filter_loss_step, injection_backward
+    from icnn_compress.mask import PEAK_RULES, masked_maps
+
+    torch._dynamo.reset()
+    x = torch.relu(torch.randn(4, 3, 5, 5)).requires_grad_(True)
+    beta = torch.full((3,), 2.0)
+    for peak in PEAK_RULES:
+        assert torch._dynamo.explain(masked_maps)(x, beta, peak, True).graph_break_count == 0
+    _, m, rows, cols = masked_maps(x, beta, "centroid", True)
+    mask = InterpretableMask(3, num_classes=3)
+    args = (x, m, rows, cols, torch.tensor([0, 1, 2, 1]), mask.class_peak, mask.class_seen, mask.class_freq,
+            mask.beta, mask.beta_velocity)
+    kw = dict(single_category=None, inject=True, reference=True, learn_beta=True, update=True, kappa=1e-3, a=0.5,
+              guard=False, lr=1e-3, momentum=0.9, category_momentum=0.9, beta_lr=0.05, beta_grad=100.0)
+    explained = torch._dynamo.explain(filter_loss_step)(*args, **kw)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    out = filter_loss_step(*args, **kw)
+    explained = torch._dynamo.explain(injection_backward)(torch.randn_like(x), out.coef_pos, out.coef_neg, m, True)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+@pytest.mark.parametrize("peak", ["centroid", "argmax"])
+def test_compiled_filter_loss_agrees_with_eager_and_compiles_once(peak):
+    """FilterLoss(compile=True) (inductor, on the CPU) gives eager's gradients, β and categories to float
+    tolerance, and a changing κ and learning rate do not recompile its graphs."""
+    torch._dynamo.reset()
+    x = torch.randn(6, 3, 6, 6)
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    models = [tiny_model(), tiny_model()]
+    for mod in models:
+        mod[2].peak = peak
+        mod[2].beta_grad = 100.0
+    fls = [FilterLoss(models[0]), FilterLoss(models[1], compile=True)]
+    assert models[1][2].compiled and not models[0][2].compiled
+    grads = []
+    for step in range(3):
+        if step == 1:
+            recompiles = torch._dynamo.config.patch(error_on_recompile=True)
+            recompiles.__enter__()
+        for net, fl in zip(models, fls):
+            net.zero_grad()
+            with fl.batch(labels, 1.0 / (step + 1), lr=1e-3 * (step + 1)):
+                loss = torch.nn.functional.cross_entropy(net(x), labels)
+            loss.backward()
+        grads.append([net[0].weight.grad.clone() for net in models])
+    recompiles.__exit__(None, None, None)
+    for eager, comp in grads:
+        assert torch.allclose(eager, comp, rtol=1e-4, atol=1e-7)
+    a, b = models[0][2], models[1][2]
+    assert torch.allclose(a.beta, b.beta, rtol=1e-5) and torch.allclose(a.class_peak, b.class_peak, rtol=1e-5)
+    assert torch.equal(a.class_seen, b.class_seen)
+    for key in ("neg_mi", "task_sq", "inj_sq", "peak_max", "fired"):
+        assert torch.allclose(getattr(fls[0].stats["2"], key).double(), getattr(fls[1].stats["2"], key).double(),
+                              rtol=1e-4), key
+    models[1].eval()
+    assert torch.allclose(models[1](x), models[0].eval()(x), rtol=1e-5, atol=1e-6)  # the compiled mask in eval
