@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import ICNNError, user_message
@@ -69,8 +72,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from .analyze import analyze_run
     from .report import render_analysis
 
+    from .distributed import is_main
+
     result = analyze_run(args.run, out=args.out, data_root=args.data, split=args.split, layers=args.layers,
                          progress=not args.quiet, trust_code=args.trust_code)
+    if not is_main():  # under torchrun rank 0 writes the analysis; the report reads it, on rank 0 alone
+        return 0
     page = render_analysis(args.out, baseline=args.baseline)
     print(json.dumps(result["summary"], indent=2, default=str)[:4000])
     print(f"report: {page}")
@@ -301,12 +308,80 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose work every rank shares under torchrun: they join the process group themselves, and rank 0
+# alone writes. Every other command runs on rank 0 alone while the other ranks wait (see _under_torchrun).
+DISTRIBUTED_COMMANDS = frozenset({"pretrain", "finetune", "calibrate", "analyze"})
+# How long the other ranks wait for rank 0's single-process command (a pipeline takes hours on a CPU).
+_RANK0_WAIT_S = 7 * 24 * 3600.0
+
+
+def _launched_ranks() -> tuple[int, int]:
+    """(rank, world size) as torchrun's environment gives them; (0, 1) outside torchrun."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def _one_process() -> Iterator[None]:
+    """Hide torchrun's WORLD_SIZE while rank 0 runs a command alone, so that nothing in it joins the group."""
+    saved = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = saved
+
+
+def _under_torchrun(args: argparse.Namespace, rank: int) -> int:
+    """Run a command under torchrun: rank 0 alone writes and prints; every other rank ends at a barrier, exit 0.
+
+    A command of :data:`DISTRIBUTED_COMMANDS` runs on every rank (they share the work; the others' stdout is
+    dropped) and all meet at a barrier when it ends. Any other command runs on rank 0 alone as in one process,
+    and only then does rank 0 join the other ranks, which were waiting to join (so no collective can hang
+    inside the command, and no rank reads a file before rank 0 has written it).
+    """
+    from .distributed import barrier, init_distributed
+
+    quiet = contextlib.nullcontext() if rank == 0 else contextlib.redirect_stdout(io.StringIO())
+    if args.command in DISTRIBUTED_COMMANDS:
+        with quiet:
+            code = args.func(args)
+        barrier()  # the command joined the group (a command that failed before joining has no one to wait for)
+        _leave_group()
+        return code if rank == 0 else 0
+    code = 0
+    try:
+        if rank == 0:
+            with _one_process():
+                code = args.func(args)
+    finally:
+        init_distributed("cpu", timeout_s=_RANK0_WAIT_S)  # gloo: a barrier needs no GPU
+        barrier()
+        _leave_group()
+    return code if rank == 0 else 0
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``icnn``; bad input exits with status 2 and a one-line message, no traceback."""
+    """Entry point of ``icnn``; bad input exits with status 2 and a one-line message, no traceback.
+
+    Under ``torchrun`` every command runs as :func:`_under_torchrun` says: rank 0 writes and prints.
+    """
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
+        rank, world = _launched_ranks()
+        if world > 1:
+            return _under_torchrun(args, rank)
         return args.func(args)
     except ICNNError as exc:
         print(f"icnn: error: {user_message(exc)}", file=sys.stderr)
