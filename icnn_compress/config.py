@@ -140,7 +140,11 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
+    # torch.compile the model and the fused mask / filter-loss functions (FilterLoss(compile=True))
     compile: bool = False
+    # CUDA only: capture the compiled graphs as CUDA graphs (torch.compile mode "reduce-overhead"), which
+    # replays each one with a single launch; needs static shapes (a smaller last batch records a new graph)
+    cuda_graphs: bool = False
     deterministic: bool = True
     eval_batch_size: int = _at_least(1, 128)
 

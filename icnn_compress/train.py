@@ -235,6 +235,9 @@ def _setup(recipe: Recipe, progress: bool) -> _Setup:
         raise TrainingError(f"the validation split of {recipe.data.root} is empty (data.val_fraction = "
                             f"{recipe.data.val_fraction}); raise data.val_fraction")
     cuda = device.type == "cuda"
+    if recipe.train.cuda_graphs and not cuda:
+        raise TrainingError(f"train.cuda_graphs needs a CUDA device, and this run trains on {device}: set "
+                            "train.cuda_graphs = false (train.compile = true compiles without CUDA graphs)")
     return _Setup(recipe, device, recipe.train.amp and cuda, recipe.train.channels_last and cuda,
                   train_data, val_data, progress)
 
@@ -291,9 +294,13 @@ def _set_class_frequency(model: nn.Module, labels: Tensor, num_classes: int) -> 
 
 
 def _filter_loss(model: nn.Module, recipe: Recipe) -> FilterLoss:
-    """The recipe's filter loss; a single-category task makes every filter the object's (label 1)."""
+    """The recipe's filter loss; a single-category task makes every filter the object's (label 1).
+
+    With ``train.compile`` (or ``train.cuda_graphs``) its fused functions run compiled.
+    """
     single = 1 if task_object(recipe.icnn) else None
-    return FilterLoss(model, form=recipe.icnn.loss, a=recipe.icnn.a, guard=recipe.icnn.guard, single_category=single)
+    return FilterLoss(model, form=recipe.icnn.loss, a=recipe.icnn.a, guard=recipe.icnn.guard, single_category=single,
+                      compile=recipe.train.compile or recipe.train.cuda_graphs)
 
 
 def validate_filters(
@@ -657,7 +664,7 @@ def _finetune(recipe: Recipe, run: RunDir, arm: str, resume: bool, force: bool, 
         guard.last = {**(initial or {}), "layers": {n: {"dead": d} for n, d in dead.items()}}
     good = _snapshot(model, optimizer)
     epoch, diverged = start, 0  # diverged: epochs in a row that ended non-finite or exploded
-    with _compiled(_wrap_ddp(model, setup.device), t.compile) as runner:
+    with _compiled(_wrap_ddp(model, setup.device), t.compile or t.cuda_graphs, cuda_graphs=t.cuda_graphs) as runner:
         while epoch <= t.epochs:
             kappa = kappa0 / epoch
             train_data, val_data = setup.loaders(t.seed + epoch)
@@ -799,13 +806,16 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, good: tuple[dic
 
 class _compiled:
     """Context yielding ``torch.compile(model)`` when asked; the filter-loss hooks stay eager
-    (``InterpretableMask._run_hook``), so the graphs compile once and are reused every step."""
+    (``InterpretableMask._run_hook``) and call their own compiled functions, so the graphs compile once and
+    are reused every step. ``cuda_graphs``: mode "reduce-overhead", each graph replayed as a CUDA graph."""
 
-    def __init__(self, model: nn.Module, enabled: bool) -> None:
-        self.model, self.enabled = model, enabled
+    def __init__(self, model: nn.Module, enabled: bool, *, cuda_graphs: bool = False) -> None:
+        self.model, self.enabled, self.cuda_graphs = model, enabled, cuda_graphs
 
     def __enter__(self) -> nn.Module:
-        return torch.compile(self.model) if self.enabled else self.model
+        if not self.enabled:
+            return self.model
+        return torch.compile(self.model, mode="reduce-overhead" if self.cuda_graphs else None)
 
     def __exit__(self, *exc) -> bool:
         return False

@@ -229,3 +229,19 @@ def test_resume_after_the_last_epoch_saves_the_last_epochs_record(tiny_recipe, t
     _, resaved = load_run_model(run)
     assert resaved["final"] == saved["final"] and resaved["kappa0"] == saved["kappa0"]
     assert [r["epoch"] for r in _records(run)] == [1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_graphs_without_cuda_is_refused_with_the_fix(tiny_recipe, tmp_path):
+    with pytest.raises(TrainingError, match="train.cuda_graphs needs a CUDA device.*train.compile = true"):
+        finetune(tiny_recipe("train.cuda_graphs=true", "train.device=cpu"), tmp_path / "run", progress=False)
+
+
+def test_compile_recipe_compiles_the_filter_loss(tiny_recipe):
+    from icnn_compress.train import _filter_loss, build_for_recipe
+
+    for flag in (False, True):
+        recipe = tiny_recipe(f"train.compile={str(flag).lower()}")
+        model, _ = build_for_recipe(recipe, arm="icnn", classes=list("abcd"), image_size=64)
+        fl = _filter_loss(model, recipe)
+        assert fl.compile is flag and all(m.compiled is flag for m in fl.masks.values())
