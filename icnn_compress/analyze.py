@@ -859,19 +859,18 @@ def _clusters(adjacent: Tensor, score: Tensor) -> tuple[list[int], list[dict]]:
 
 
 def _mis(hist: Tensor, class_count: Tensor) -> tuple[Tensor, Tensor]:
-    """Plug-in MI (nats) of the binned mean activation with each one-vs-rest label; max over classes."""
+    """Plug-in MI (nats) of the binned mean activation with each one-vs-rest label; max over classes.
+
+    All classes at once, (C, D, K) (a loop over classes was host time at the end of the pass).
+    """
     n = hist.sum(dim=(0, 2))[0].clamp(min=1) if hist.numel() else torch.ones(())
     total = hist.sum(0)  # (D, K)
     pb = total / n
-    mi = []
-    for c in range(hist.shape[0]):
-        py1 = class_count[c] / n
-        terms = torch.zeros_like(pb[:, 0])
-        for joint, py in ((hist[c] / n, py1), ((total - hist[c]) / n, 1 - py1)):
-            ratio = joint / (pb * py).clamp(min=1e-300)
-            terms = terms + torch.where(joint > 0, joint * torch.log(ratio.clamp(min=1e-300)), torch.zeros_like(joint)).sum(-1)
-        mi.append(terms)
-    mi_t = torch.stack(mi)  # (C, D)
+    py1 = (class_count / n)[:, None, None]  # (C, 1, 1)
+    mi_t = torch.zeros(hist.shape[:2], dtype=pb.dtype, device=hist.device)  # (C, D)
+    for joint, py in ((hist / n, py1), ((total - hist) / n, 1 - py1)):
+        ratio = joint / (pb * py).clamp(min=1e-300)
+        mi_t = mi_t + torch.where(joint > 0, joint * torch.log(ratio.clamp(min=1e-300)), torch.zeros_like(joint)).sum(-1)
     value, cls = mi_t.max(0)
     return value, cls
 
