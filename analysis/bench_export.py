@@ -1,7 +1,7 @@
 """ONNX Runtime latency of the unpruned, the pruned and the int8 pruned model, at batch 1 and 32, as ratios.
 
     .venv/bin/python analysis/bench_export.py runs/demo/icnn runs/demo/prune_tradeoff/icnn_0.5
-        [--out DIR] [--batches 1 32] [--repeats 30] [--threads 0]
+        [--out DIR] [--batches 1 32] [--repeats 30] [--threads 0] [--provider cpu|cuda|auto]
 
 Exports both runs with :func:`icnn_compress.export.export_onnx` (fp32, parity-checked on real test
 images; int8 static QDQ of the pruned one), then times ``session.run`` on the same real test images
@@ -10,6 +10,8 @@ load from other processes hits all models alike), after warm-up. Reported: the m
 model and batch, and the speedups as the median over rounds of the per-round ratio (unpruned ÷ model).
 Writes ``bench_export.md`` and ``bench_export.json`` into ``--out`` (default ``<pruned run>/bench_export``).
 Goal: the 0.5-MACs model ≥ 1.7× faster than the unpruned one at batch 32 on this CPU.
+``--provider cuda`` (or ``auto`` on a machine with a GPU and an onnxruntime build that has it) times the
+ONNX Runtime CUDA execution provider instead; ``cuda`` stops with the reason when it is not available.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 
 from icnn_compress.config import recipe_from_dict
 from icnn_compress.data.recipe import open_split
-from icnn_compress.export import export_onnx, ort_session
+from icnn_compress.export import export_onnx, ort_session, providers
 from icnn_compress.train import load_run_model
 
 
@@ -47,6 +49,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30, help="interleaved rounds")
     parser.add_argument("--inner", type=int, default=5, help="session.run calls timed together per round")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    parser.add_argument("--provider", choices=["cpu", "cuda", "auto"], default="cpu",
+                        help="ONNX Runtime execution provider (auto: CUDA when available, else CPU)")
     parser.add_argument("--trust-code", action="store_true",
                         help="import the builder the runs' model files name, as icnn --trust-code")
     args = parser.parse_args()
@@ -56,8 +60,13 @@ def main() -> None:
     unpruned = _export(args.unpruned, out / "unpruned", None, args.trust_code)
     pruned = _export(args.pruned, out / "pruned", "int8", args.trust_code)
     files = {"unpruned": unpruned["onnx"], "pruned": pruned["onnx"], "pruned int8": pruned["int8"]["onnx"]}
-    sessions = {name: ort_session(path, provider=["CPUExecutionProvider"], threads=args.threads or None)
-                for name, path in files.items()}
+    available = providers()  # CUDA first when a GPU is present and onnxruntime has it
+    if args.provider == "cuda" and "CUDAExecutionProvider" not in available:
+        parser.error("--provider cuda: no CUDAExecutionProvider here (no GPU, or an onnxruntime without CUDA: "
+                     "install onnxruntime-gpu)")
+    chosen = ["CPUExecutionProvider"] if args.provider == "cpu" else available
+    sessions = {name: ort_session(path, provider=chosen, threads=args.threads or None) for name, path in files.items()}
+    provider = sessions["unpruned"].get_providers()[0]
 
     _, saved = load_run_model(args.unpruned, trust_code=args.trust_code)
     test = open_split(recipe_from_dict(saved["recipe"]).data, "test", progress=False)
@@ -83,13 +92,14 @@ def main() -> None:
             for name in order:
                 times[name][b].append(run(name, b))
 
-    result: dict = {"unpruned": str(args.unpruned), "pruned": str(args.pruned), "repeats": args.repeats,
+    result: dict = {"unpruned": str(args.unpruned), "pruned": str(args.pruned), "provider": provider,
+                    "repeats": args.repeats,
                     "inner": args.inner, "threads": args.threads or "onnxruntime default", "cpu": platform.processor()
                     or platform.machine(), "cpus": os.cpu_count(), "macs_ratio": pruned.get("pruned_macs_ratio"),
                     "int8_accuracy": {k: pruned["int8"].get(k) for k in ("accuracy_fp32", "accuracy_int8",
                                                                           "accuracy_change")},
                     "latency_ms": {}, "speedup": {}}
-    lines = [f"ONNX Runtime CPU latency (ms, median of {args.repeats} interleaved rounds × {args.inner} runs); "
+    lines = [f"ONNX Runtime latency, {provider} (ms, median of {args.repeats} interleaved rounds × {args.inner} runs); "
              f"speedup = median per-round ratio vs unpruned. Pruned MACs ratio {result['macs_ratio']:.3f}.", "",
              "| model | " + " | ".join(f"batch {b}" for b in args.batches) + " | "
              + " | ".join(f"speedup @ {b}" for b in args.batches) + " |",

@@ -3,7 +3,10 @@
 Every figure is a ratio measured side by side in this one process (interleaved steps, medians), so that
 machine noise hits both sides alike:
 
-* ``filter_loss``: ICNN step (masks + reference gradient) / baseline step (same model, masks off) — goal ≤ 1.05;
+* ``filter_loss``: ICNN step (masks + reference gradient) / baseline step (same model, masks off) — goal ≤ 1.05,
+  eager and with the fused mask / filter-loss functions compiled (``FilterLoss(compile=True)``, issue 21);
+* ``ops``: operator calls the masks and filter loss add per step (ResNet-50 style count of
+  ``bench_filter_loss.py --count-ops``, batch 8), eager and fused: on a GPU about one kernel launch each;
 * ``vs_plain``: ICNN step / plain torchvision training step of the same base model — goal ≤ 1.10;
 * ``analysis``: analysis-pass throughput / plain inference throughput — goal ≥ 0.85;
 * ``onnx`` (printed last): ONNX Runtime latency of the model pruned to half the MACs / unpruned (CUDA provider when
@@ -39,14 +42,34 @@ def finetune_throughput(arch: str, *, batch: int, size: int, steps: int, classes
     icnn, masks = interpretable_model(arch, classes=classes, size=size, device=device)
     x, y = random_batch(batch=batch, size=size, classes=classes, device=device)
     fl = FilterLoss(icnn)
+    fused = FilterLoss(icnn, compile=True)  # the same masks, their fused functions compiled (issue 21)
     run_plain = torch.compile(plain) if compile_ else plain
     run_icnn = torch.compile(icnn) if compile_ else icnn
+
+    def arm(step, active: bool, compiled: bool):
+        def go() -> None:
+            for m in masks:
+                m.compiled = compiled
+            step()
+        return masked_arm(go, masks, active)
+
     med = interleaved({"plain": train_step(run_plain, x, y, device, amp),
-                       "baseline": masked_arm(train_step(run_icnn, x, y, device, amp, fl, 0.0), masks, False),
-                       "icnn": masked_arm(train_step(run_icnn, x, y, device, amp, fl, 1e-3), masks, True)},
+                       "baseline": arm(train_step(run_icnn, x, y, device, amp, fl, 0.0), False, False),
+                       "icnn": arm(train_step(run_icnn, x, y, device, amp, fl, 1e-3), True, False),
+                       "icnn_fused": arm(train_step(run_icnn, x, y, device, amp, fused, 1e-3), True, True)},
                       steps, device)
     return {"arch": arch, **{f"{k}_img_s": batch / v for k, v in med.items()},
-            "filter_loss": med["icnn"] / med["baseline"], "vs_plain": med["icnn"] / med["plain"]}
+            "filter_loss": med["icnn"] / med["baseline"], "vs_plain": med["icnn"] / med["plain"],
+            "filter_loss_fused": med["icnn_fused"] / med["baseline"], "vs_plain_fused": med["icnn_fused"] / med["plain"]}
+
+
+def operator_calls(arch: str, *, batch: int, size: int, classes: int, device: torch.device) -> dict:
+    """Operator calls per training step that the masks and filter loss add, eager and fused (compiled):
+    ``analysis/bench_filter_loss.py --count-ops`` on this device (on a GPU, about one kernel launch each)."""
+    from bench_filter_loss import count_ops
+
+    r = count_ops(arch, batch=batch, size=size, classes=classes, device=device, modes=["eager", "compiled"])
+    return {"eager": r["eager"] - r["off"], "compiled": r["compiled"] - r["off"]}
 
 
 def analysis_throughput(arch: str, *, batch: int, size: int, batches: int, classes: int, device: torch.device,
@@ -190,17 +213,22 @@ def main() -> None:
                                  compile_=args.compile)
         an = analysis_throughput(arch, batch=batch, size=size, batches=batches, classes=200, device=device,
                                  rounds=rounds)
-        rows.append((arch, ft, an))
-        print(f"{arch}: {ft}\n  {an}", flush=True)
+        ops = operator_calls(arch, batch=8, size=size, classes=200, device=device)
+        rows.append((arch, ft, an, ops))
+        print(f"{arch}: {ft}\n  {an}\n  operator calls added per step (batch 8): {ops}", flush=True)
     print(f"\n## gpu_check on {name}, batch {batch}, {size} px, torch {torch.__version__}"
           f"{', torch.compile' if args.compile else ''}")
-    print("| arch | plain img/s | icnn img/s | filter-loss ratio (≤1.05) | vs plain (≤1.10) | "
+    print("| arch | plain img/s | icnn img/s (eager / fused) | filter-loss ratio (≤1.05), eager / fused | "
+          "vs plain (≤1.10), eager / fused | ops added per step (batch 8), eager / fused | "
           "analysis/inference (≥0.85) |")
-    print("|---|---|---|---|---|---|")
-    for arch, ft, an in rows:
-        print(f"| {arch} | {ft['plain_img_s']:.1f} | {ft['icnn_img_s']:.1f} | {ft['filter_loss']:.3f} | "
-              f"{ft['vs_plain']:.3f} | {an['analysis']:.3f} ({an['images']} images, {an['inference_img_s']:.0f} vs "
-              f"{an['analysis_img_s']:.0f} img/s; first call of the process {an['first_call']:.3f}) |", flush=True)
+    print("|---|---|---|---|---|---|---|")
+    for arch, ft, an, ops in rows:
+        print(f"| {arch} | {ft['plain_img_s']:.1f} | {ft['icnn_img_s']:.1f} / {ft['icnn_fused_img_s']:.1f} | "
+              f"{ft['filter_loss']:.3f} / {ft['filter_loss_fused']:.3f} | {ft['vs_plain']:.3f} / "
+              f"{ft['vs_plain_fused']:.3f} | {ops['eager']} / {ops['compiled']} "
+              f"({ops['eager'] / max(ops['compiled'], 1):.1f}x fewer) | {an['analysis']:.3f} ({an['images']} images, "
+              f"{an['inference_img_s']:.0f} vs {an['analysis_img_s']:.0f} img/s; first call of the process "
+              f"{an['first_call']:.3f}) |", flush=True)
     if args.profile:
         profile_tables(archs.split(",")[0], batch=batch, size=size, classes=200, device=device)
     if args.skip_onnx:
