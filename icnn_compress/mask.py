@@ -265,7 +265,10 @@ class InterpretableMask(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # x: (B, D, h, w), post-ReLU
         if not self.active and not self.hooked:
             return x
-        fn = compiled(masked_maps) if self.compiled and not torch.compiler.is_compiling() else masked_maps
+        # Compiled only when nothing traces this forward already (torch.compile of the model, torch.export,
+        # the ONNX exporter's tracer): a tracer takes the plain function's ops.
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        fn = compiled(masked_maps) if self.compiled and not tracing else masked_maps
         out, m, rows, cols = fn(x, self.grid_beta(x.shape[-2]), self.peak, self.active)
         if self.hooked:
             self._run_hook(x, m, (rows, cols))
