@@ -300,7 +300,8 @@ def auto_table(cells: list[dict]) -> str:
     if rows:
         d = mean_se([c["accuracy"] - c["accuracy_unpruned"] for c in rows])
         m = mean_se([c["macs_ratio"] for c in rows])
-        lines += ["", f"Mean over {len(rows)} seed(s): MACs {_pm(*m, 3)}, accuracy change {_pm(*d)} points."]
+        lines += ["", f"Mean over {len(rows)} seed(s): MACs {_pm(*m, 3)}, accuracy change {_pm(*d)} points (recovered "
+                      "minus unpruned: the recovery epochs also train, so 'pruned %' is the removal's own cost)."]
     return "\n".join(lines)
 
 
