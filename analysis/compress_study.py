@@ -248,8 +248,7 @@ def measures_table(cells: list[dict]) -> str:
         acc = mean_se([c["accuracy"] for c in cs])
         macs = mean_se([c["macs_ratio"] for c in cs])[0]
         speed = mean_se([c["latency"]["speedup"] for c in cs if c.get("latency")])
-        drift = {m: mean_se([c["drift"][m]["rank_correlation"] for c in cs
-                             if c.get("drift") and m in c["drift"] and c["drift"][m].get("rank_correlation") is not None])
+        drift = {m: mean_se([c["drift"][m].get("rank_correlation") for c in cs if m in (c.get("drift") or {})])
                  for m in DRIFT_METHODS}
 
         def pointing(m: str) -> str:
@@ -295,8 +294,9 @@ def auto_table(cells: list[dict]) -> str:
     for c in sorted(rows, key=lambda c: c["seed"]):
         removed = ", ".join(f"{n}: {v['removed']}/{v['num_filters']}" for n, v in (c.get("auto") or {}).get(
             "layers", {}).items())
+        change = c["accuracy"] - c["accuracy_unpruned"]
         lines.append(f"| {c['seed']} | {c['macs_ratio']:.3f} | {removed} | {c['accuracy_unpruned']:.2f} | "
-                     f"{c['accuracy_pruned']:.2f} | {c['accuracy']:.2f} | {c['accuracy'] - c['accuracy_unpruned']:+.2f} |")
+                     f"{c['accuracy_pruned']:.2f} | {c['accuracy']:.2f} | {change:+.2f} |")
     if rows:
         d = mean_se([c["accuracy"] - c["accuracy_unpruned"] for c in rows])
         m = mean_se([c["macs_ratio"] for c in rows])

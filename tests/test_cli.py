@@ -127,7 +127,8 @@ def test_prune_takes_the_run_recipe_and_the_flags_override_it(capsys, tmp_path, 
     (["--floor", "1.5"], "'prune.floor' must be in (0, 1), got 1.5"),
     (["--round-to", "0"], "'prune.round_to' must be >= 1, got 0"),
     (["--steps", "0"], "'prune.steps' must be >= 1, got 0"),
-    (["--steps", "3", "--recover-epochs", "2"], "steps = 3 rounds of prune + recovery need at least one recovery epoch"),
+    (["--steps", "3", "--recover-epochs", "2"],
+     "steps = 3 rounds of prune + recovery need at least one recovery epoch"),
     (["--target-macs", "auto", "--criterion", "l1"], "target_macs='auto' removes the filters the analysis flags"),
 ])
 def test_prune_flags_are_checked(capsys, tmp_path, masks_only_run, flags, message):

@@ -450,8 +450,8 @@ def test_prune_run_recovers_saves_and_reloads_in_a_fresh_process(trained_run, tm
 
 
 def test_prune_run_without_recovery_keeps_the_run_record(trained_run, tmp_path):
-    record = prune_run(trained_run, out=tmp_path / "l1", target_macs=0.7, criterion="l1", recover_epochs=0, schedule_steps=8,
-                       device="cpu", progress=False)
+    record = prune_run(trained_run, out=tmp_path / "l1", target_macs=0.7, criterion="l1", recover_epochs=0,
+                       schedule_steps=8, device="cpu", progress=False)
     assert record["accuracy_recovered"] is None and record["macs_ratio"] <= 0.7
     model, saved = load_run_model(tmp_path / "l1")
     assert saved["arm"] == "icnn" and saved["pruning"]["criterion"] == "l1"
@@ -471,8 +471,8 @@ def test_resume_needs_an_interrupted_recovery_with_the_same_pruning(trained_run,
         prune_run(trained_run, out=out, criterion="l1", recover_epochs=1, device="cpu", progress=False)
     (out / "history.json").write_text(json.dumps({"steps": [["features.0", True, [0]]]}))
     with pytest.raises(PruningError, match="another result"):
-        prune_run(trained_run, out=out, criterion="l1", target_macs=0.9, schedule_steps=4, recover_epochs=1, resume=True,
-                  device="cpu", progress=False)
+        prune_run(trained_run, out=out, criterion="l1", target_macs=0.9, schedule_steps=4, recover_epochs=1,
+                  resume=True, device="cpu", progress=False)
 
 
 def test_a_run_made_on_a_gpu_recovers_on_the_device_prune_is_given(trained_run, tmp_path):

@@ -14,7 +14,9 @@ from torch import Tensor
 
 from icnn_compress.errors import ICNNError
 
-__all__ = ["FilterScores", "PruningError", "analysis_settings", "flag_counts", "icnn_layer_scores", "load_filter_scores"]
+__all__ = [
+    "FilterScores", "PruningError", "analysis_settings", "flag_counts", "icnn_layer_scores", "load_filter_scores",
+]
 
 
 class PruningError(ICNNError):
