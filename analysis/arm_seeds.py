@@ -22,12 +22,10 @@ import argparse
 import concurrent.futures as cf
 import json
 import logging
-import math
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
+from _cells import finetune_cell, icnn, paired
 from heldout_eval import heldout_split
 
 from icnn_compress.checkpoint import atomic_write_text
@@ -38,27 +36,15 @@ log = logging.getLogger("arm_seeds")
 ARMS = ("baseline", "masks-only", "icnn")
 
 
-def _icnn(*args: str) -> None:
-    """Run one ``icnn`` command in its own process (a failed run names its log and stops the study)."""
-    done = subprocess.run([sys.executable, "-m", "icnn_compress.cli", *args], capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"icnn {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-
-
 def run_cell(recipe: Path, out: Path, arm: str, seed: int, sets: list[str], data: Path | None) -> dict:
     """Fine-tune one arm with one seed (resuming an interrupted run) and evaluate it on the held-out data."""
     run = out / f"{arm}-s{seed}"
     result = run / "heldout.json"
     if not result.is_file():
-        if not (run / "model.pt").is_file():
-            args = ["finetune", str(recipe), "--out", str(run), "--set", f"train.seed={seed}"]
-            args += [a for s in sets for a in ("--set", s)]
-            args += [] if arm == "icnn" else [f"--{arm}"]
-            args += ["--resume"] if (run / "last.pt").is_file() else []
-            _icnn(*args)
+        finetune_cell(recipe, run, arm, seed, sets)
         # --trust-code: the run is this study's own, fine-tuned above (or by its interrupted self) from the recipe
         # the user passed, so the builder its model file names is the recipe's
-        _icnn("evaluate", str(run), "--json", str(result), "--trust-code", *(["--data", str(data)] if data else []))
+        icnn("evaluate", str(run), "--json", str(result), "--trust-code", *(["--data", str(data)] if data else []))
         log.info("%s-s%d evaluated", arm, seed)
     res = json.loads(result.read_text())
     return {
@@ -84,15 +70,16 @@ def summarise(cells: list[dict], arms: list[str]) -> dict:
         pairs = [(by[arm, s], by["baseline", s]) for s in seeds if (arm, s) in by]
         if not pairs:
             continue
-        diffs = [100 * (a["accuracy"] - b["accuracy"]) for a, b in pairs]
+        gap = paired({a["seed"]: 100 * a["accuracy"] for a, _ in pairs},
+                     {a["seed"]: 100 * b["accuracy"] for a, b in pairs})
         ratios = {name: [a["layers"][name]["location_instability"] / b["layers"][name]["location_instability"]
                          for a, b in pairs] for name in pairs[0][1]["layers"]}
         out[arm] = {
             "seeds": [a["seed"] for a, _ in pairs],
             "accuracy_mean": statistics.fmean(100 * a["accuracy"] for a, _ in pairs),
-            "gap_mean": statistics.fmean(diffs),
-            "gap_se": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan,
-            "gap_worst": min(diffs),
+            "gap_mean": gap["mean"],
+            "gap_se": gap["se"],
+            "gap_worst": gap["worst"],
             "instability_ratio": {n: statistics.fmean(r) for n, r in ratios.items()},
             "instability_ratio_max": {n: max(r) for n, r in ratios.items()},
         }

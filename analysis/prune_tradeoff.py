@@ -29,35 +29,17 @@ import logging
 import statistics
 from pathlib import Path
 
-from icnn_compress.prune import CRITERIA, prune_run
+from _cells import analysis_cell, interpretability, prune_cell
+
+from icnn_compress.prune import CRITERIA
 
 
 def _analysis(run: Path, given: str | None, out: Path, trust_code: bool) -> Path:
-    if given:
-        return Path(given)
     # Not the pipeline's <run>/analysis: that one is on the test split the table reports.
-    candidate = out / "analysis" / "analysis.json"
-    if candidate.is_file():
-        return candidate
-    from icnn_compress.analyze import analyze_run
-
-    logging.info("analysing %s on the training split", run)
-    analyze_run(run, out=out / "analysis", split="train", gallery=False, device="cpu", trust_code=trust_code)
-    return out / "analysis" / "analysis.json"
+    return Path(given) if given else analysis_cell(run, out / "analysis", split="train", trust_code=trust_code)
 
 
 _MEASURES = ("mean_exclusivity", "location_instability", "part_interpretability", "num_redundant")
-
-
-def _interpretability(run: Path, folder: Path, trust_code: bool) -> dict:
-    """Per masked layer: the analysis' headline measures of ``run`` on the test split (cached in ``folder``)."""
-    path = folder / "analysis.json"
-    if not path.is_file():
-        from icnn_compress.analyze import analyze_run
-
-        analyze_run(run, out=folder, split="test", gallery=False, device="cpu", trust_code=trust_code)
-    layers = json.loads(path.read_text())["summary"]["layers"]
-    return {name: {k: layer.get(k) for k in ("num_filters", *_MEASURES)} for name, layer in layers.items()}
 
 
 def _fmt(v) -> str:
@@ -158,18 +140,13 @@ def main() -> None:
             for seed in args.seeds:
                 cell = out / (f"{crit}_{target:g}" + (f"_r{args.round_to}" if args.round_to != 8 else "")
                               + (f"_s{seed}" if len(args.seeds) > 1 or seed else ""))
-                done = cell / "pruning.json"
-                if done.is_file():
-                    rec = json.loads(done.read_text())
-                else:
-                    rec = prune_run(run, out=cell, analysis=analysis, target_macs=target, criterion=crit,
-                                    recover_epochs=args.recover_epochs, seed=seed, device="cpu",
-                                    round_to=args.round_to, floor=args.floor,
-                                    resume=(cell / "last.pt").exists(), progress=not args.quiet,
-                                    trust_code=args.trust_code)
+                rec = prune_cell(run, cell, analysis=analysis, target_macs=target, criterion=crit,
+                                 recover_epochs=args.recover_epochs, seed=seed, device="cpu",
+                                 round_to=args.round_to, floor=args.floor, progress=not args.quiet,
+                                 trust_code=args.trust_code)
                 rec = {k: v for k, v in rec.items() if k != "history"} | {"seed": seed, "dir": str(cell)}
                 if not args.no_interpretability:
-                    rec["interpretability"] = _interpretability(cell, cell / "analysis", args.trust_code)
+                    rec["interpretability"] = interpretability(cell, cell / "analysis", args.trust_code)
                 logging.info("%s @ %.2f (seed %d): MACs %.3f, accuracy %.2f -> %.2f -> %s", crit, target, seed,
                              rec["macs_ratio"], rec["accuracy_unpruned"], rec["accuracy_pruned"],
                              rec["accuracy_recovered"])
@@ -177,7 +154,7 @@ def main() -> None:
     unpruned = records[0]["accuracy_unpruned"]
     table = _table(records, args.targets, args.criteria, unpruned, args.recover_epochs)
     if not args.no_interpretability:
-        base = _interpretability(run, out / "unpruned_analysis")
+        base = interpretability(run, out / "unpruned_analysis", args.trust_code)
         table += "\n" + _interpretability_table(records, base)
     stem = "prune_tradeoff" + (f"_r{args.round_to}" if args.round_to != 8 else "")
     (out / f"{stem}.md").write_text(f"# Pruning trade-off: {run}\n\n{table}", encoding="utf-8")

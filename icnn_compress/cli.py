@@ -96,10 +96,21 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     result = compare_run(args.run, out=args.out, data_root=args.data, split=args.split,
                          methods=[m.strip() for m in args.methods.split(",") if m.strip()], limit=args.limit,
-                         baseline_run=args.baseline, layer=args.layer, settings=CompareSettings(target=args.target),
+                         baseline_run=args.baseline, parent_run=args.parent, layer=args.layer,
+                         settings=CompareSettings(target=args.target),
                          progress=not args.quiet, trust_code=args.trust_code)
     print(result["table"])
     return 0
+
+
+def _target_macs(text: str) -> float | str:
+    """``--target-macs``: a number, or the word ``auto`` (checked with the recipe's other keys)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.5, or 'auto'; got {text!r}") from None
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -107,7 +118,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     result = prune_run(args.run, out=args.out, analysis=args.analysis, target_macs=args.target_macs,
                        criterion=args.criterion, recover_epochs=args.recover_epochs, round_to=args.round_to,
-                       floor=args.floor, data_root=args.data, resume=args.resume, device=args.device,
+                       floor=args.floor, steps=args.steps, data_root=args.data, resume=args.resume, device=args.device,
                        progress=not args.quiet, trust_code=args.trust_code)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2, default=str))
     return 0
@@ -241,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "test", "all"])
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--baseline", type=Path, default=None, help="baseline run, explained the same way")
+    p.add_argument("--parent", type=Path, default=None,
+                   help="for a pruned RUN, the unpruned run it came from: explained the same way, plus the drift "
+                        "of each explainer's maps (rank correlation) and of its measures")
     p.add_argument("--limit", type=int, default=100, help="images to explain")
     p.add_argument("--layer", default=None, help="default: the model's first mask (top conv)")
     p.add_argument("--target", default="label", choices=TARGETS, help="explain the true or the predicted class")
@@ -257,10 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.add_argument("--analysis", type=Path, default=None, help="the run's analysis folder (icnn criteria)")
     p.add_argument("--criterion", choices=list(CRITERIA), help="prune.criterion")
-    p.add_argument("--target-macs", type=float, metavar="R", help="prune.target_macs: MACs of the result as a fraction")
+    p.add_argument("--target-macs", type=_target_macs, metavar="R",
+                   help="prune.target_macs: MACs of the result as a fraction, or 'auto' (remove exactly the silent "
+                        "and redundant filters the analysis flags)")
     p.add_argument("--round-to", type=int, metavar="N", help="prune.round_to: kept channels a multiple of N")
     p.add_argument("--floor", type=float, metavar="F", help="prune.floor: fraction of each layer always kept")
     p.add_argument("--recover-epochs", type=int, metavar="K", help="prune.recover_epochs: fine-tuning after pruning")
+    p.add_argument("--steps", type=int, metavar="N",
+                   help="prune.steps: rounds of prune + recovery (the recovery epochs are shared out over them)")
     p.add_argument("--data", type=Path, default=None,
                    help="the run's dataset folder where it moved (the recipe's limits still apply)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted recovery")

@@ -192,10 +192,16 @@ class PruneConfig:
 
     # the names of icnn_compress.prune.CRITERIA (not imported: the prune stage imports this module)
     criterion: str = _choices("icnn", "icnn-l1", "l1", "fpgm", "taylor", "random", default="icnn-l1")
-    target_macs: float = _within(0.0, 1.0, 0.5, open_low=True)  # MACs of the result over the unpruned model's
+    # MACs of the result over the unpruned model's, in (0, 1]; or "auto": remove exactly the filters the analysis
+    # flags (silent ones, and the members of each redundancy cluster other than its best), nothing else
+    target_macs: str | float = _choices("auto", default=0.5, number=(0.0, 1.0, True, False))
     round_to: int = _at_least(1, 8)  # kept channel counts rounded to the nearest multiple (1: no rounding)
     floor: float = _within(0.0, 1.0, 0.25, open_low=True, open_high=True)  # fraction of each layer always kept
     recover_epochs: int = _at_least(0, 1)  # fine-tuning epochs after pruning (0: save the pruned model as is)
+    # rounds of prune + recovery (torch-pruning's iterative steps): round k reaches 1 - k/steps of the MACs to
+    # remove, and the recover_epochs are shared out over the rounds (same budget as one-shot; needs
+    # recover_epochs >= steps when steps > 1)
+    steps: int = _at_least(1, 1)
 
 
 @dataclass

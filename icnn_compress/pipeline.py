@@ -89,12 +89,13 @@ def _prune_and_export(recipe: Recipe, out: Path, progress: bool, trust: bool) ->
             log.info("stage: analyse icnn on the validation split (for pruning)")
             analyze_run(out / "icnn", out=chooser, split="val", gallery=False, progress=progress, trust_code=trust)
         settings = recipe.prune
-        log.info("stage: prune to %g MACs (%s criterion, round_to %d) and recover %d epochs", settings.target_macs,
-                 settings.criterion, settings.round_to, settings.recover_epochs)
+        log.info("stage: prune to %s MACs (%s criterion, round_to %d) and recover %d epochs in %d round(s)",
+                 settings.target_macs, settings.criterion, settings.round_to, settings.recover_epochs, settings.steps)
         # the settings are passed, not left to the icnn run's stored recipe: a rerun with --set prune.* uses them
         prune_run(out / "icnn", out=pruned, analysis=chooser, target_macs=settings.target_macs,
                   criterion=settings.criterion, round_to=settings.round_to, floor=settings.floor,
-                  recover_epochs=settings.recover_epochs, resume=(pruned / "history.json").exists(),
+                  recover_epochs=settings.recover_epochs, steps=settings.steps,
+                  resume=(pruned / "history.json").exists(),
                   progress=progress, trust_code=trust)
     if not _exported(pruned / "model.onnx", pruned / "parity.json"):
         log.info("stage: ONNX export and parity")

@@ -126,10 +126,21 @@ def test_prune_takes_the_run_recipe_and_the_flags_override_it(capsys, tmp_path, 
     (["--criterion", "icnn-l1"], "the icnn-l1 criterion needs the analysis of the run (--analysis analysis.json)"),
     (["--floor", "1.5"], "'prune.floor' must be in (0, 1), got 1.5"),
     (["--round-to", "0"], "'prune.round_to' must be >= 1, got 0"),
+    (["--steps", "0"], "'prune.steps' must be >= 1, got 0"),
+    (["--steps", "3", "--recover-epochs", "2"],
+     "steps = 3 rounds of prune + recovery need at least one recovery epoch"),
+    (["--target-macs", "auto", "--criterion", "l1"], "target_macs='auto' removes the filters the analysis flags"),
 ])
 def test_prune_flags_are_checked(capsys, tmp_path, masks_only_run, flags, message):
     code, _, err = run(capsys, "prune", str(masks_only_run), "--out", str(tmp_path / "p"), *flags)
     assert code == 2 and message in err and not (tmp_path / "p" / "model.pt").exists()
+
+
+def test_prune_target_macs_is_a_number_or_auto(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:  # argparse's usage error, before any run is read
+        run(capsys, "prune", str(tmp_path), "--out", str(tmp_path / "p"), "--target-macs", "half")
+    assert exc.value.code == 2
+    assert "expected a fraction such as 0.5, or 'auto'; got 'half'" in capsys.readouterr().err
 
 
 def test_make_dataset(capsys, tmp_path):

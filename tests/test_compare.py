@@ -20,6 +20,7 @@ from icnn_compress.compare import (
     conductance_exclusivity,
     curve_auc,
     format_compare_table,
+    map_rank_correlation,
     map_peaks,
     peak_distance_spread,
     perturbation_curves,
@@ -162,6 +163,24 @@ def test_pixel_ranks_break_ties_at_random_reproducibly():
     assert not torch.equal(r1[0], torch.arange(9))  # not the row-major order
     ordered = torch.arange(9.0).reshape(1, 3, 3)
     assert pixel_ranks(ordered).tolist() == [list(range(8, -1, -1))]
+
+
+def test_map_rank_correlation_is_spearman_with_average_ranks_for_ties():
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])[None]
+    assert map_rank_correlation(a, a).tolist() == [1.0]
+    assert map_rank_correlation(a, a ** 3 + 5).tolist() == [1.0]  # a ranking: any increasing map of it agrees
+    assert map_rank_correlation(a, -a).tolist() == [-1.0]
+    # ties share their mean rank: ranks (1.5, 1.5, 3, 4) against (1, 2, 3, 4)
+    tied = torch.tensor([[1.0, 1.0], [2.0, 3.0]])[None]
+    ra, rb = torch.tensor([1.5, 1.5, 3, 4], dtype=torch.float64), torch.arange(1.0, 5, dtype=torch.float64)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    expected = float((ra * rb).sum() / (ra.square().sum() * rb.square().sum()).sqrt())
+    assert map_rank_correlation(tied, a).tolist() == pytest.approx([expected], abs=1e-12)
+    assert expected == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    flat = torch.zeros(1, 2, 2)  # no ranking at all: undefined, not 0
+    assert map_rank_correlation(flat, a).isnan().all()
+    with pytest.raises(ValueError, match="same shape"):
+        map_rank_correlation(a, torch.zeros(1, 3, 3))
 
 
 def test_curve_auc_trapezoids():
@@ -385,3 +404,31 @@ def test_data_without_landmarks_gets_the_landmark_free_measures_and_says_why(tmp
 def test_pointing_game_with_no_landmark_counts_no_image():
     out = pointing_game(torch.zeros(3, 2), torch.zeros(3, 0, 2), torch.zeros(3, 0, dtype=torch.bool), radius=5.0)
     assert out["valid"].tolist() == [False] * 3 and out["nearest"].tolist() == [-1] * 3
+
+
+def test_compare_run_with_a_parent_reports_how_far_each_explanation_moved(tmp_path, tiny_recipe):
+    from icnn_compress.prune import prune_run
+
+    recipe = tiny_recipe()
+    _untrained_run(recipe, tmp_path / "icnn", "icnn")
+    settings = CompareSettings(**{**FAST, "robust_images": 0, "steps": 2})
+    kw = dict(limit=4, methods=["icnn", "gradcam"], settings=settings, device="cpu", figure_images=1)
+    # a model against itself: every map the same, every measure unchanged
+    same = compare_run(tmp_path / "icnn", parent_run=tmp_path / "icnn", out=tmp_path / "self", **kw)
+    assert set(same["models"]) == {"icnn", "parent"} and same["drift_of"] == "icnn"
+    for name in ("icnn", "gradcam"):
+        drift = same["drift"][name]
+        assert drift["rank_correlation"] == pytest.approx(1.0) and drift["images"] == 4
+        assert drift["pointing_game"] == drift["pointing_game_parent"]
+        assert drift["peak_distance_std"] == drift["peak_distance_std_parent"]
+    # a pruned child (half its MACs, no recovery): the maps move, the rank correlation says by how much
+    prune_run(tmp_path / "icnn", out=tmp_path / "pruned", criterion="l1", target_macs=0.5, recover_epochs=0,
+              schedule_steps=4, device="cpu", progress=False)
+    result = compare_run(tmp_path / "pruned", parent_run=tmp_path / "icnn", out=tmp_path / "drift", **kw)
+    for name in ("icnn", "gradcam"):
+        drift = result["drift"][name]
+        assert -1.0 <= drift["rank_correlation"] < 1.0 and drift["rank_correlation_se"] is not None
+        assert drift["pointing_game_parent"] == same["drift"][name]["pointing_game_parent"]  # same parent, images
+    table = (tmp_path / "drift" / "compare.md").read_text()
+    assert "Explanation drift, parent → icnn" in table and "| gradcam |" in table
+    assert json.loads((tmp_path / "drift" / "compare.json").read_text())["drift"] == result["drift"]

@@ -82,6 +82,14 @@ def test_prune_section(tmp_path: Path) -> None:
         load_recipe(write(tmp_path, "[prune]\nround = 16\n"))
 
 
+def test_prune_target_auto_and_steps(tmp_path: Path) -> None:
+    prune = load_recipe(write(tmp_path, '[prune]\ntarget_macs = "auto"\nsteps = 3\n')).prune
+    assert (prune.target_macs, prune.steps) == ("auto", 3)
+    assert load_recipe().prune.steps == 1  # one-shot unless asked
+    assert load_recipe(None, ["prune.target_macs=auto"]).prune.target_macs == "auto"
+    assert load_recipe(None, ["prune.target_macs=0.3"]).prune.target_macs == 0.3
+
+
 def test_prune_criteria_are_the_pruning_stage_criteria() -> None:
     from icnn_compress.prune import CRITERIA
 
@@ -154,6 +162,9 @@ def test_wrong_type(tmp_path: Path, text: str, message: str) -> None:
         ("[prune]\ntarget_macs = 0\n", r"'prune.target_macs' must be in \(0, 1\], got 0.0"),
         ("[prune]\ntarget_macs = 1.5\n", r"'prune.target_macs' must be in \(0, 1\], got 1.5"),
         ("[prune]\ntarget_macs = nan\n", r"'prune.target_macs' must be in \(0, 1\], got nan"),
+        ('[prune]\ntarget_macs = "half"\n', r"'prune.target_macs' must be one of 'auto' or a number, got 'half'"),
+        ("[prune]\nsteps = 0\n", r"'prune.steps' must be >= 1, got 0"),
+        ("[prune]\nsteps = 2.0\n", r"'prune.steps' expects int, got 2.0 \(float\)"),
         ("[prune]\nfloor = 1\n", r"'prune.floor' must be in \(0, 1\), got 1.0"),
         ("[prune]\nfloor = 0.0\n", r"'prune.floor' must be in \(0, 1\), got 0.0"),
         ("[prune]\nround_to = 0\n", r"'prune.round_to' must be >= 1, got 0"),

@@ -100,7 +100,7 @@ def pruned_run(tiny_parts, tmp_path_factory):
     ])
     root = tmp_path_factory.mktemp("runs")
     finetune(recipe, root / "icnn", arm="icnn", progress=False)
-    prune_run(root / "icnn", out=root / "pruned", target_macs=0.5, criterion="l1", recover_epochs=0, steps=8,
+    prune_run(root / "icnn", out=root / "pruned", target_macs=0.5, criterion="l1", recover_epochs=0, schedule_steps=8,
               device="cpu", progress=False)
     return root / "pruned"
 

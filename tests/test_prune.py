@@ -25,11 +25,13 @@ from icnn_compress.prune import (
     PruningError,
     RawFPGMImportance,
     apply_pruning_history,
+    count_macs,
     icnn_layer_scores,
     load_filter_scores,
     make_importance,
     prune_model,
     prune_run,
+    round_targets,
 )
 from icnn_compress.surgery import build_base_model, make_interpretable
 from icnn_compress.train import finetune, load_run_model
@@ -298,6 +300,100 @@ def test_unreachable_target_is_an_error():
 
 
 # --------------------------------------------------------------------------------------------------
+# target_macs = "auto" and iterative rounds
+
+
+def _tiny_reference(model: _Tiny, keep: list[int]) -> _Tiny:
+    """``model`` with only the ``keep`` channels of ``conv`` (and of both masks and ``conv2``'s inputs)."""
+    ref = _Tiny().eval()
+    ref.conv = nn.Conv2d(3, len(keep), 3, padding=1)
+    ref.mask_a, ref.mask_b = InterpretableMask(len(keep), num_classes=2), InterpretableMask(len(keep), num_classes=2)
+    ref.conv2 = nn.Conv2d(len(keep), 4, 3, padding=1)
+    with torch.no_grad():
+        ref.conv.weight.copy_(model.conv.weight[keep])
+        ref.conv.bias.copy_(model.conv.bias[keep])
+        ref.conv2.weight.copy_(model.conv2.weight[:, keep])
+        ref.conv2.bias.copy_(model.conv2.bias)
+        ref.fc.load_state_dict(model.fc.state_dict())
+        for r, m in ((ref.mask_a, model.mask_a), (ref.mask_b, model.mask_b)):
+            r.beta.copy_(m.beta[keep])
+            r.class_peak.copy_(m.class_peak[:, keep])
+    return ref
+
+
+def test_auto_removes_exactly_the_filters_flagged_in_every_coupled_mask():
+    model = _tiny()
+    x = torch.rand(2, 3, 8, 8)
+    # mask_a flags 1, 2 (silent) and 5 (its cluster's best is 6); mask_b flags 2, 5 (silent) and 7 (twin of 0)
+    scores = {
+        "mask_a": [_rec(i, silent=i in (1, 2), cluster=0 if i in (5, 6) else -1, best=i == 6) for i in range(8)],
+        "mask_b": [_rec(i, silent=i in (2, 5), cluster=0 if i in (0, 7) else -1, best=i == 0) for i in range(8)],
+    }
+    scores = {k: [FilterScores(**{**r.__dict__, "layer": k}) for r in v] for k, v in scores.items()}
+    ref = _tiny_reference(model, [0, 1, 3, 4, 6, 7])
+    pruner = MaskPruner()
+    history = prune_model(model, example_inputs=torch.zeros(1, 3, 8, 8), mask_pruner=pruner,
+                          importance=ICNNImportance(scores, pruner), target_macs="auto")
+    assert history["removed"] == {"mask_a": [2, 5], "mask_b": [2, 5]}  # flagged in both masks: 2 and 5 only
+    assert history["kept"] == {"mask_a": [0, 1, 3, 4, 6, 7], "mask_b": [0, 1, 3, 4, 6, 7]}
+    assert history["target_macs"] == "auto" and history["round_to"] is None and history["floor"] is None
+    assert history["macs"] == count_macs(ref, torch.zeros(1, 3, 8, 8))[0]
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+    fresh = apply_pruning_history(_Tiny().eval(), history)  # the history replays like any other
+    fresh.load_state_dict(model.state_dict())
+
+
+def test_auto_keeps_the_best_channel_of_a_group_it_would_empty_and_needs_the_icnn_criterion():
+    model = _tiny()
+    rates = [0.001 * (i + 1) for i in range(8)]  # every filter silent; filter 7 fires the most
+    scores = {name: [FilterScores(layer=name, index=i, silent=True, activation_rate=rates[i]) for i in range(8)]
+              for name in ("mask_a", "mask_b")}
+    pruner = MaskPruner()
+    history = prune_model(model, example_inputs=torch.zeros(1, 3, 8, 8), mask_pruner=pruner,
+                          importance=ICNNImportance(scores, pruner), target_macs="auto")
+    assert history["kept"]["mask_a"] == [7] and model.conv.out_channels == 1
+    pruner = MaskPruner()
+    with pytest.raises(PruningError, match="icnn or icnn-l1"):
+        prune_model(_tiny(), example_inputs=torch.zeros(1, 3, 8, 8), mask_pruner=pruner,
+                    importance=make_importance("l1", mask_pruner=pruner), target_macs="auto")
+    with pytest.raises(PruningError, match="steps = 1"):
+        prune_model(_tiny(), example_inputs=torch.zeros(1, 3, 8, 8), mask_pruner=pruner,
+                    importance=ICNNImportance(scores, pruner), target_macs="auto", rounds=2)
+    with pytest.raises(PruningError, match="or 'auto'"):
+        prune_model(_tiny(), example_inputs=torch.zeros(1, 3, 8, 8), mask_pruner=pruner,
+                    importance=ICNNImportance(scores, pruner), target_macs="half")
+
+
+def test_round_targets_share_the_macs_to_remove_equally():
+    assert round_targets(0.4, 3) == [0.8, 0.6, 0.4]
+    assert round_targets(0.5, 1) == [0.5]
+    with pytest.raises(PruningError, match="at least 1"):
+        round_targets(0.5, 0)
+
+
+def test_rounds_stop_at_each_round_target_and_recover_in_between():
+    model, _ = _interpretable("small_cnn", 64)
+    example = torch.zeros(1, 3, 64, 64)
+    base = count_macs(model, example)[0]
+    pruner = MaskPruner()
+    seen = []
+
+    def recover(m, k):
+        seen.append((k, count_macs(m, example)[0] / base, m.training))
+        m.train()  # a recovery leaves the model in training mode: pruning must not mind
+
+    history = prune_model(model, example_inputs=example, importance=make_importance("l1", mask_pruner=pruner),
+                          mask_pruner=pruner, target_macs=0.4, steps=16, rounds=3, after_round=recover)
+    assert [k for k, _, _ in seen] == [1, 2]  # not after the last round: the caller's own recovery follows
+    assert seen[0][1] <= 0.8 and seen[1][1] <= 0.6 and history["macs_ratio"] <= 0.4
+    assert seen[0][1] > 0.6  # round 1 stopped at its own target, not at the final one
+    assert [r["round"] for r in history["rounds"]] == [1, 2, 3]
+    assert [r["target"] for r in history["rounds"]] == [0.8, 0.6, 0.4]
+    assert sum(r["iterations"] for r in history["rounds"]) == history["iterations"]
+
+
+# --------------------------------------------------------------------------------------------------
 # a run: prune, recover, save, reload in a fresh process, re-analyse
 
 
@@ -317,7 +413,7 @@ def test_prune_run_recovers_saves_and_reloads_in_a_fresh_process(trained_run, tm
     analyze_run(trained_run, out=analysis, split="train", gallery=False, device="cpu")
     out = tmp_path / "pruned"
     record = prune_run(trained_run, out=out, analysis=analysis / "analysis.json", target_macs=0.5, criterion="icnn",
-                       recover_epochs=1, steps=8, device="cpu", progress=False)
+                       recover_epochs=1, schedule_steps=8, device="cpu", progress=False)
     assert record["macs_ratio"] <= 0.5 and record["accuracy_recovered"] is not None
     assert record["history"]["round_to"] == 16 and record["history"]["floor"] == 0.25  # the quickstart's [prune]
     written = json.loads((out / "pruning.json").read_text())
@@ -354,8 +450,8 @@ def test_prune_run_recovers_saves_and_reloads_in_a_fresh_process(trained_run, tm
 
 
 def test_prune_run_without_recovery_keeps_the_run_record(trained_run, tmp_path):
-    record = prune_run(trained_run, out=tmp_path / "l1", target_macs=0.7, criterion="l1", recover_epochs=0, steps=8,
-                       device="cpu", progress=False)
+    record = prune_run(trained_run, out=tmp_path / "l1", target_macs=0.7, criterion="l1", recover_epochs=0,
+                       schedule_steps=8, device="cpu", progress=False)
     assert record["accuracy_recovered"] is None and record["macs_ratio"] <= 0.7
     model, saved = load_run_model(tmp_path / "l1")
     assert saved["arm"] == "icnn" and saved["pruning"]["criterion"] == "l1"
@@ -375,8 +471,8 @@ def test_resume_needs_an_interrupted_recovery_with_the_same_pruning(trained_run,
         prune_run(trained_run, out=out, criterion="l1", recover_epochs=1, device="cpu", progress=False)
     (out / "history.json").write_text(json.dumps({"steps": [["features.0", True, [0]]]}))
     with pytest.raises(PruningError, match="another result"):
-        prune_run(trained_run, out=out, criterion="l1", target_macs=0.9, steps=4, recover_epochs=1, resume=True,
-                  device="cpu", progress=False)
+        prune_run(trained_run, out=out, criterion="l1", target_macs=0.9, schedule_steps=4, recover_epochs=1,
+                  resume=True, device="cpu", progress=False)
 
 
 def test_a_run_made_on_a_gpu_recovers_on_the_device_prune_is_given(trained_run, tmp_path):
@@ -385,14 +481,14 @@ def test_a_run_made_on_a_gpu_recovers_on_the_device_prune_is_given(trained_run, 
     saved = torch.load(trained_run / "model.pt", weights_only=True)
     saved["recipe"]["train"]["device"] = "cuda:7"  # as fine-tuned on a GPU machine
     torch.save(saved, gpu_run / "model.pt")
-    record = prune_run(gpu_run, out=tmp_path / "r", criterion="l1", target_macs=0.7, steps=4, recover_epochs=1,
+    record = prune_run(gpu_run, out=tmp_path / "r", criterion="l1", target_macs=0.7, schedule_steps=4, recover_epochs=1,
                        device="cpu", progress=False)
     assert record["accuracy_recovered"] is not None
 
 
 def test_an_interrupted_recovery_resumes(trained_run, tmp_path, monkeypatch):
     out = tmp_path / "r"
-    settings = dict(criterion="l1", target_macs=0.7, steps=4, device="cpu", progress=False)
+    settings = dict(criterion="l1", target_macs=0.7, schedule_steps=4, device="cpu", progress=False)
     with interrupted_at_call(monkeypatch, icnn_compress.train, "_train_epoch"):  # in recovery epoch 2
         prune_run(trained_run, out=out, recover_epochs=2, **settings)
     assert not (out / "pruning.json").exists() and not (out / "model.pt").exists()
@@ -407,7 +503,7 @@ def _without_time(record: dict) -> dict:
 
 
 def test_a_run_stopped_before_its_record_is_finished_again(trained_run, tmp_path):
-    settings = dict(criterion="l1", target_macs=0.7, steps=4, device="cpu", progress=False)
+    settings = dict(criterion="l1", target_macs=0.7, schedule_steps=4, device="cpu", progress=False)
     recovered = prune_run(trained_run, out=tmp_path / "r", recover_epochs=1, **settings)
     (tmp_path / "r" / "pruning.json").unlink()  # stopped between the recovery's model.pt and the record
     with pytest.raises(PruningError, match="pass --resume"):
@@ -422,3 +518,36 @@ def test_a_run_stopped_before_its_record_is_finished_again(trained_run, tmp_path
     (tmp_path / "s" / "pruning.json").unlink()  # stopped between model.pt and the record: done again
     assert _without_time(prune_run(trained_run, out=tmp_path / "s", recover_epochs=0, **settings)) == \
         _without_time(saved)
+
+
+def test_auto_prune_run_states_the_thresholds_and_removes_what_the_analysis_flags(trained_run, tmp_path):
+    analysis = tmp_path / "analysis"
+    analyze_run(trained_run, out=analysis, split="train", gallery=False, device="cpu")
+    record = prune_run(trained_run, out=tmp_path / "auto", analysis=analysis, target_macs="auto", criterion="icnn",
+                       recover_epochs=0, device="cpu", progress=False)
+    settings = json.loads((analysis / "analysis.json").read_text())["summary"]["settings"]
+    thresholds = record["auto"]["thresholds"]
+    assert thresholds["silent_fraction"] == settings["silent_fraction"] and thresholds["split"] == "train"
+    assert thresholds["redundancy_threshold"] == settings["redundancy_threshold"]
+    layers = json.loads((analysis / "analysis.json").read_text())["summary"]["layers"]
+    for name, counts in record["auto"]["layers"].items():
+        assert counts["silent"] == layers[name]["num_silent"]
+        assert counts["removed"] == counts["flagged"] == counts["silent"] + counts["redundant"]
+        assert counts["kept"] + counts["removed"] == counts["num_filters"] == layers[name]["num_filters"]
+    assert record["target_macs"] == "auto" and record["macs_ratio"] <= 1.0
+    assert json.loads((tmp_path / "auto" / "pruning.json").read_text())["auto"] == record["auto"]
+
+
+def test_iterative_prune_run_shares_the_recovery_over_its_rounds(trained_run, tmp_path):
+    out = tmp_path / "it"
+    record = prune_run(trained_run, out=out, criterion="l1", target_macs=0.6, steps=2, recover_epochs=2,
+                       schedule_steps=8, device="cpu", progress=False)
+    assert record["steps"] == 2 and record["recover_epochs_per_round"] == [1, 1] and record["macs_ratio"] <= 0.6
+    assert [r["target"] for r in record["history"]["rounds"]] == [0.8, 0.6]
+    for metrics in (out / "round-1" / "metrics.jsonl", out / "metrics.jsonl"):
+        assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1]
+    model, saved = load_run_model(out)  # the final model reloads from its history like a one-shot one
+    assert saved["pruning"]["macs_ratio"] == record["macs_ratio"]
+    with pytest.raises(PruningError, match="at least one recovery epoch each"):
+        prune_run(trained_run, out=tmp_path / "x", criterion="l1", target_macs=0.6, steps=3, recover_epochs=2,
+                  device="cpu", progress=False)

@@ -4,24 +4,26 @@ Users choosing between "make the filters interpretable" (Zhang, Wu, Zhu, CVPR 20
 https://arxiv.org/abs/1710.00935) and "explain the unchanged model after the fact" (Captum,
 https://captum.ai) need both judged on the same images: part localisation against landmarks (pointing
 game, peak-distance spread), faithfulness (deletion / insertion AUC, Captum's ``infidelity`` and
-``sensitivity_max``), and time per image. :func:`compare_run` does it for a run and its baseline and
+``sensitivity_max``), and time per image. :func:`compare_run` does it for a run and its baseline (or, for a
+pruned model, its unpruned parent: :func:`explanation_drift` says how far each explainer's maps moved) and
 writes ``compare.json``, ``compare.md`` and ``compare.jpg``; :func:`compare_html_section` puts them in a
 report.
 """
 
-from ._compare import DEFAULT_METHODS, Comparison, compare, compare_run
+from ._compare import DEFAULT_METHODS, Comparison, compare, compare_run, explanation_drift
 from ._explainers import EXPLAINERS, REFERENCE_EXPLAINERS, Explainer, IcnnMaps, build_explainers
 from ._measures import (
     conductance_exclusivity,
     curve_auc,
     map_peaks,
+    map_rank_correlation,
     peak_distance_spread,
     perturbation_curves,
     pixel_ranks,
     pointing_game,
     upsample_to_input,
 )
-from ._present import compare_html_section, format_compare_table, plot_grid
+from ._present import compare_html_section, format_compare_table, format_drift_table, plot_grid
 from ._settings import TARGETS, CompareError, CompareSettings
 
 __all__ = [
@@ -40,8 +42,11 @@ __all__ = [
     "compare_run",
     "conductance_exclusivity",
     "curve_auc",
+    "explanation_drift",
     "format_compare_table",
+    "format_drift_table",
     "map_peaks",
+    "map_rank_correlation",
     "peak_distance_spread",
     "perturbation_curves",
     "pixel_ranks",

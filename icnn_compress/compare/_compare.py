@@ -28,13 +28,14 @@ from ._measures import (
     conductance_exclusivity,
     curve_auc,
     map_peaks,
+    map_rank_correlation,
     peak_distance_spread,
     perturbation_curves,
     pointing_game,
 )
 from ._settings import CompareError, CompareSettings
 
-__all__ = ["DEFAULT_METHODS", "Comparison", "compare", "compare_run"]
+__all__ = ["DEFAULT_METHODS", "Comparison", "compare", "compare_run", "explanation_drift"]
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,13 @@ class Comparison:
         examples: the images asked for with ``keep``, in stream order: ``{"index", "image" (3, S, S),
             "label", "target", "landmarks" (K, 2), "visible" (K,), "maps": {explainer: (S, S)},
             "peaks": {explainer: (2,) the measured peak (x, y)}}`` on the CPU.
+        maps: with ``keep_maps``, every image's map per explainer, ``{explainer: (N, S, S)}`` float32 on the
+            CPU in stream order (what :func:`explanation_drift` correlates); else empty.
     """
 
     summary: dict[str, Any]
     examples: list[dict[str, Any]] = field(default_factory=list)
+    maps: dict[str, Tensor] = field(default_factory=dict)
 
 
 class _Tally:
@@ -66,6 +70,7 @@ class _Tally:
         self.insertion: list[Tensor] = []
         self.infidelity: list[Tensor] = []
         self.sensitivity: list[Tensor] = []
+        self.maps: list[Tensor] = []
         self.seconds = 0.0
 
 
@@ -86,6 +91,7 @@ def compare(
     keep: Iterable[int] = (),
     protocol: str = "official",
     architecture: Mapping[str, Any] | None = None,
+    keep_maps: bool = False,
     progress: bool = False,
 ) -> Comparison:
     """Explain every image of ``loader`` with each of ``methods`` and measure the maps the same way.
@@ -114,6 +120,7 @@ def compare(
         keep: dataset indices (``batch["index"]``) whose maps are returned in ``Comparison.examples``.
         protocol, architecture: where the ``icnn`` maps are read (:mod:`icnn_compress.protocol`; under
             ``official`` a mask's input, or the new conv's raw output) and the run's architecture record.
+        keep_maps: return every image's map of every explainer (``Comparison.maps``; ``N·S²`` floats each).
         progress: a tqdm bar over batches.
 
     Returns:
@@ -208,6 +215,8 @@ def compare(
                         cond_sum.index_add_(0, target.cpu(), totals)
                         cond_count.index_add_(0, target.cpu(), torch.ones(b, dtype=torch.float64))
                     xy, flat = map_peaks(maps, generator=gen)
+                    if keep_maps:
+                        tally.maps.append(maps.cpu())
                     tally.peak_xy.append(xy.cpu())
                     tally.flat.append(flat.cpu())
                     deletion, insertion = perturbation_curves(
@@ -258,7 +267,39 @@ def compare(
     }
     if cond_sum is not None and filter_category is not None:
         summary["exclusivity"] = _finite_dict(conductance_exclusivity(cond_sum, cond_count, filter_category.cpu()))
-    return Comparison(summary=summary, examples=examples)
+    maps = {name: torch.cat(t.maps) for name, t in tallies.items() if t.maps}
+    return Comparison(summary=summary, examples=examples, maps=maps)
+
+
+_DRIFT_MEASURES = ("pointing_game", "peak_distance_std", "deletion_auc", "insertion_auc")
+
+
+def explanation_drift(parent: Comparison, pruned: Comparison) -> dict[str, dict[str, Any]]:
+    """How each explainer's maps moved from a parent model to its pruned child on the same images.
+
+    Both comparisons must come from :func:`compare` on the same images in the same order with ``keep_maps``.
+    Per explainer: ``rank_correlation`` (mean over images of Spearman's correlation between the parent's and
+    the pruned model's map of the same image and class; 1 = the same pixel ranking), its standard error
+    ``rank_correlation_se``, ``images`` (pairs where both maps have a ranking), and each of the pointing game,
+    distance spread and deletion / insertion AUC before (``<measure>_parent``) and after (``<measure>``).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, before in parent.maps.items():
+        after = pruned.maps.get(name)
+        if after is None:
+            continue
+        if after.shape != before.shape:
+            raise CompareError(f"the {name} maps of the two models have shapes {tuple(before.shape)} and "
+                               f"{tuple(after.shape)}: compare them on the same images")
+        rho = map_rank_correlation(before, after)
+        rho = rho[torch.isfinite(rho)]
+        row: dict[str, Any] = {"rank_correlation": float(rho.mean()) if rho.numel() else float("nan"),
+                               "rank_correlation_se": _se(rho), "images": int(rho.numel())}
+        for key in _DRIFT_MEASURES:
+            row[f"{key}_parent"] = parent.summary["explainers"][name].get(key)
+            row[key] = pruned.summary["explainers"][name].get(key)
+        out[name] = _finite_dict(row)
+    return out
 
 
 def _robustness(model: nn.Module, explainer, x: Tensor, maps: Tensor, target: Tensor,
@@ -385,6 +426,7 @@ def compare_run(
     methods: Sequence[str] = DEFAULT_METHODS,
     limit: int | None = 100,
     baseline_run: str | Path | None = None,
+    parent_run: str | Path | None = None,
     layer: str | None = None,
     protocol: str | None = None,
     settings: CompareSettings | None = None,
@@ -409,6 +451,9 @@ def compare_run(
         methods: explainer names (:data:`~icnn_compress.compare.EXPLAINERS`).
         limit: images compared.
         baseline_run: the non-interpretable run (``RUN/baseline``) explained the same way.
+        parent_run: for a pruned ``run``, the unpruned run it was pruned from (``pruning.json``'s
+            ``history.source``): explained the same way (as model ``parent``), and ``result["drift"]`` says
+            how far each explainer's maps moved (:func:`explanation_drift`).
         layer: measured module; default: the model's first mask (the top conv's).
         protocol: where the ``icnn`` maps are read and which class each filter explains (None: the run
             recipe's ``eval.protocol``).
@@ -420,7 +465,7 @@ def compare_run(
     Returns:
         ``{"models": {name: summary}, "methods", "split", "limit", "layer", "settings", "landmarks",
         "classes", "figure", "table"}`` with one summary (see :func:`compare`) per model, keyed by the
-        run's arm (``icnn``, ``baseline``...).
+        run's arm (``icnn``, ``baseline``...; ``parent`` for ``parent_run``), and ``"drift"`` with a parent.
     """
     from icnn_compress.checkpoint import atomic_write_text
     from icnn_compress.evaluate import open_run
@@ -434,6 +479,8 @@ def compare_run(
     dev = resolve_device(str(device))
     out = Path(out)
     runs = [("model", run)] + ([("baseline", baseline_run)] if baseline_run is not None else [])
+    runs += [("parent", parent_run)] if parent_run is not None else []
+    model_key = None
     comparisons: dict[str, Comparison] = {}
     meta: dict[str, Any] = {}
     for role, path in runs:
@@ -453,7 +500,7 @@ def compare_run(
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, meta["indices"]),
                                              batch_size=settings.batch_size, shuffle=False,
                                              num_workers=recipe.data.num_workers)
-        key = saved.get("arm") or role
+        key = "parent" if role == "parent" else saved.get("arm") or role
         if key in comparisons:
             key = role if role not in comparisons else f"{role}-{len(comparisons)}"
         log.info("compare: %s (%s) on %d images, layer %s", key, path, len(meta["indices"]), name_layer)
@@ -461,8 +508,10 @@ def compare_run(
             model, loader, layer=name_layer, image_size=dataset.image_size,
             landmark_names=dataset.landmark_names, classes=dataset.classes, methods=methods,
             settings=settings, device=dev, mean=dataset.mean, std=dataset.std, keep=meta["figure"],
-            protocol=protocol or recipe.eval.protocol, architecture=saved["architecture"], progress=progress)
+            protocol=protocol or recipe.eval.protocol, architecture=saved["architecture"],
+            keep_maps=parent_run is not None and role in ("model", "parent"), progress=progress)
         comparisons[key].summary.update(run=str(path), arm=saved.get("arm"))
+        model_key = model_key or key
 
     dataset = meta["dataset"]
     result: dict[str, Any] = {
@@ -478,6 +527,9 @@ def compare_run(
         "classes": list(dataset.classes),
         "figure": "compare.jpg",
     }
+    if parent_run is not None:
+        result["drift"] = explanation_drift(comparisons["parent"], comparisons[model_key])
+        result["drift_of"] = model_key
     result["table"] = format_compare_table(result)
     out.mkdir(parents=True, exist_ok=True)
     plot_grid({k: c.examples for k, c in comparisons.items()}, out / "compare.jpg",

@@ -33,6 +33,7 @@ __all__ = [
     "conductance_exclusivity",
     "curve_auc",
     "map_peaks",
+    "map_rank_correlation",
     "peak_distance_spread",
     "perturbation_curves",
     "pixel_ranks",
@@ -160,6 +161,31 @@ def pixel_ranks(maps: Tensor, *, generator: torch.Generator | None = None) -> Te
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(n, device=maps.device).expand(b, n))
     return ranks
+
+
+def _average_ranks(flat: Tensor) -> Tensor:
+    """Each value's rank in its row, ``(B, N)`` float64 from 1, tied values sharing their mean rank."""
+    ordered = flat.sort(dim=1).values
+    below = torch.searchsorted(ordered, flat, right=False)  # values strictly smaller
+    upto = torch.searchsorted(ordered, flat, right=True)  # values smaller or equal
+    return (below + upto + 1).double() / 2
+
+
+def map_rank_correlation(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman's rank correlation over pixels of each pair of maps ``a``, ``b`` ``(B, S, S)``: ``(B,)`` float64.
+
+    Ties take their average rank (Spearman's usual rule, which a random tie-break would blur: many maps are
+    flat over large areas). A map that is flat everywhere has no ranking: its pair gives NaN.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"maps to correlate must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    n = a.shape[0]
+    ra = _average_ranks(a.reshape(n, -1).double())
+    rb = _average_ranks(b.reshape(n, -1).double())
+    ra, rb = ra - ra.mean(dim=1, keepdim=True), rb - rb.mean(dim=1, keepdim=True)
+    denominator = (ra.square().sum(dim=1) * rb.square().sum(dim=1)).sqrt()
+    return torch.where(denominator > 0, (ra * rb).sum(dim=1) / denominator.clamp(min=1e-300),
+                       torch.full_like(denominator, float("nan")))
 
 
 def blur(images: Tensor, sigma: float) -> Tensor:

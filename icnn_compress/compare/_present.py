@@ -14,7 +14,7 @@ import torch
 from ..report import data_uri
 from ._explainers import REFERENCE_EXPLAINERS
 
-__all__ = ["compare_html_section", "format_compare_table", "plot_grid"]
+__all__ = ["compare_html_section", "format_compare_table", "format_drift_table", "plot_grid"]
 
 # (key in an explainer summary, column title, format); arrows say which way is better.
 _COLUMNS = (
@@ -83,6 +83,25 @@ def format_compare_table(result: Mapping[str, Any]) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines.append("")
     lines += [f"- {n}" for n in notes]
+    if result.get("drift"):
+        lines += ["", format_drift_table(result["drift"], result.get("drift_of", "model"))]
+    return "\n".join(lines)
+
+
+def format_drift_table(drift: Mapping[str, Mapping[str, Any]], model: str = "model") -> str:
+    """The explanation drift (:func:`~icnn_compress.compare.explanation_drift`) as a markdown table."""
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else fmt.format(v)
+
+    lines = [f"Explanation drift, parent → {model} (same images, same class):", "",
+             "| explainer | rank corr. of maps ↑ | pointing parent → pruned | dist. std parent → pruned |",
+             "|---|---|---|---|"]
+    for name, d in drift.items():
+        rho = f(d.get("rank_correlation"), "{:.3f}") + (f" ± {d['rank_correlation_se']:.3f}"
+                                                          if d.get("rank_correlation_se") is not None else "")
+        lines.append(f"| {name} | {rho} | {f(d.get('pointing_game_parent'), '{:.2f}')} → "
+                     f"{f(d.get('pointing_game'), '{:.2f}')} | {f(d.get('peak_distance_std_parent'), '{:.3f}')} → "
+                     f"{f(d.get('peak_distance_std'), '{:.3f}')} |")
     return "\n".join(lines)
 
 

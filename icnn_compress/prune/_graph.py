@@ -16,7 +16,7 @@ from icnn_compress.mask import InterpretableMask
 from ._importance import ICNNImportance, MaskPruner
 from ._scores import PruningError
 
-__all__ = ["HISTORY_FORMAT", "apply_pruning_history", "classifier_layer", "count_macs", "prune_model"]
+__all__ = ["HISTORY_FORMAT", "apply_pruning_history", "classifier_layer", "count_macs", "prune_model", "round_targets"]
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +73,31 @@ def _channels(model: nn.Module) -> dict[str, int]:
     return out
 
 
+def round_targets(target_macs: float, rounds: int) -> list[float]:
+    """The MACs ratio each of ``rounds`` prune-and-recover rounds reaches: equal shares of ``1 − target_macs``.
+
+    >>> round_targets(0.4, 3)
+    [0.8, 0.6, 0.4]
+    """
+    if rounds < 1:
+        raise PruningError(f"rounds (prune.steps) must be at least 1, got {rounds}")
+    return [round(1.0 - (1.0 - target_macs) * k / rounds, 12) for k in range(1, rounds + 1)]
+
+
 def prune_model(
     model: nn.Module,
     *,
     example_inputs: Tensor,
     importance: tp.importance.Importance,
     mask_pruner: MaskPruner,
-    target_macs: float = 0.5,
+    target_macs: float | str = 0.5,
     round_to: int | None = 8,
     floor: float = 0.25,
     steps: int = 32,
+    rounds: int = 1,
     ignored_layers: Sequence[nn.Module] = (),
     before_step: Callable[[nn.Module], None] | None = None,
+    after_round: Callable[[nn.Module, int], None] | None = None,
 ) -> dict[str, Any]:
     """Prune ``model`` in place until its MACs are at most ``target_macs`` × the original; return the history.
 
@@ -93,30 +106,55 @@ def prune_model(
     before every step, MACs measured after it, and pruning stops at the first step that meets the
     target), channel counts rounded to ``round_to``, the classifier's outputs never pruned.
 
+    With ``rounds = N > 1`` the same pruner's steps go on through N rounds: round ``k`` stops at the first
+    step that reaches ``1 − k·(1 − target_macs)/N`` (:func:`round_targets`), then ``after_round(model, k)``
+    runs (a short recovery) before the next round's steps re-estimate importance on the recovered weights.
+
+    ``target_macs = "auto"`` needs an :class:`ICNNImportance` and removes exactly the filters its analysis
+    flags (:meth:`ICNNImportance.flagged`: silent ones and the non-best members of each redundancy cluster)
+    in one step on the same dependency graph, with neither rounding nor floor; a group whose every channel
+    is flagged keeps its best-scored one. The MACs reached are whatever those filters cost.
+
     Args:
         example_inputs: one input batch for tracing and for counting MACs, e.g. ``zeros(1, 3, S, S)``.
         importance: a torch-pruning Importance (see :func:`make_importance`).
         mask_pruner: the :class:`MaskPruner` that prunes the masks' per-channel state (the same instance
             the importance reads, for the icnn criterion).
+        target_macs: a ratio in (0, 1], or ``"auto"``.
         round_to: kept channel counts are rounded to the nearest multiple (never below ``round_to``);
             8 by default, 16 matches ONNX Runtime's blocked (NCHWc) conv kernels on AVX-512 CPUs.
         floor: no layer keeps fewer than this fraction of its channels, up to the rounding to
             ``round_to`` (which may round a layer down by less than ``round_to / 2``).
+        steps: torch-pruning's ``iterative_steps``: the resolution of the schedule that searches for the target.
+        rounds: prune-and-recover rounds (the recipe's ``prune.steps``).
         before_step: called with the model before each step (e.g. a backward for Taylor importance).
+        after_round: called with the model and the round number after each round but the last.
 
     Returns:
         A plain-data history (``weights_only``-loadable): ``format``, ``steps`` (torch-pruning's pruning
         history: ``[root layer, is output pruning, [indices]]`` in order), ``example_input_shape``,
-        ``macs``/``params`` before and after, ``macs_ratio``, ``channels`` ``{layer: [before, after]}``
-        and ``kept`` ``{mask layer: [original index of each remaining filter]}``.
+        ``macs``/``params`` before and after, ``macs_ratio``, ``rounds`` (``[{"round", "target",
+        "macs_ratio", "iterations"}]``), ``channels`` ``{layer: [before, after]}`` and ``kept``
+        ``{mask layer: [original index of each remaining filter]}``; with ``"auto"`` also ``removed``
+        ``{mask layer: [original index of each removed filter]}``.
 
     Raises:
-        PruningError: the floor stops pruning before the MACs target is met.
+        PruningError: the floor stops pruning before the MACs target is met; ``"auto"`` without an
+            ICNNImportance or with several rounds.
     """
-    if not 0.0 < target_macs <= 1.0:
-        raise PruningError(f"target_macs is a ratio of the original MACs in (0, 1], got {target_macs}")
+    auto = target_macs == "auto"
+    if auto:
+        if not isinstance(importance, ICNNImportance):
+            raise PruningError("target_macs='auto' removes the filters the analysis flags: use the icnn or icnn-l1 "
+                               "criterion with the run's analysis (--analysis)")
+        if rounds != 1:
+            raise PruningError(f"target_macs='auto' removes the flagged filters at once; set prune.steps = 1 "
+                               f"(got {rounds})")
+    elif isinstance(target_macs, str) or not 0.0 < target_macs <= 1.0:
+        raise PruningError(f"target_macs is a ratio of the original MACs in (0, 1] or 'auto', got {target_macs!r}")
     if not 0.0 < floor < 1.0:
         raise PruningError(f"floor is the fraction of each layer's channels always kept, in (0, 1), got {floor}")
+    targets = [] if auto else round_targets(float(target_macs), rounds)
     if isinstance(importance, ICNNImportance):
         importance.check_model(model)
     was_training = model.training
@@ -137,33 +175,59 @@ def prune_model(
             round_to=round_to,
             **_graph_kwargs(mask_pruner),
         )
+    names = {m: n for n, m in model.named_modules()}
     macs, params = base_macs, base_params
     done = 0
-    for done in range(1, steps + 1):
-        if before_step is not None:
-            before_step(model)
-        pruner.step()
+    removed: dict[str, list[int]] = {}
+    record_rounds: list[dict[str, Any]] = []
+    if auto:
+        origin_before = {names[m]: mask_pruner.original_index(m).tolist() for m in model.modules()
+                         if isinstance(m, InterpretableMask)}
+        with torch.enable_grad():
+            _prune_flagged(pruner, importance)
         macs, params = count_macs(model, example_inputs)
-        log.info("pruning step %d/%d: MACs %.3f of the original", done, steps, macs / base_macs)
-        if macs <= target_macs * base_macs:
+        done = 1
+        for m in model.modules():
+            if isinstance(m, InterpretableMask):
+                kept = set(mask_pruner.original_index(m).tolist())
+                removed[names[m]] = [i for i in origin_before[names[m]] if i not in kept]
+        record_rounds.append({"round": 1, "target": "auto", "macs_ratio": macs / base_macs, "iterations": 1})
+    for k, target in enumerate(targets, start=1):
+        began = done
+        while macs > target * base_macs and done < steps:
+            done += 1
+            if before_step is not None:
+                before_step(model)
+            model.eval()
+            pruner.step()
+            macs, params = count_macs(model, example_inputs)
+            log.info("pruning step %d/%d (round %d/%d): MACs %.3f of the original", done, steps, k, len(targets),
+                     macs / base_macs)
+        record_rounds.append({"round": k, "target": target, "macs_ratio": macs / base_macs,
+                              "iterations": done - began})
+        if macs > target * base_macs:
             break
+        if k < len(targets) and after_round is not None:
+            model.zero_grad(set_to_none=True)
+            after_round(model, k)
+            model.eval()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
-    if macs > target_macs * base_macs:
+    if not auto and macs > float(target_macs) * base_macs:
         raise PruningError(
             f"pruning reached {macs / base_macs:.3f} of the original MACs with every layer at its floor "
             f"({floor:.0%} of its channels); the target {target_macs} needs a lower floor (--floor)"
         )
     after_channels = _channels(model)
-    names = {m: n for n, m in model.named_modules()}
-    return {
+    history = {
         "format": HISTORY_FORMAT,
         "steps": [[str(n), bool(out), [int(i) for i in idxs]] for n, out, idxs in pruner.pruning_history()],
         "iterations": done,
+        "rounds": record_rounds,
         "example_input_shape": list(example_inputs.shape),
-        "target_macs": float(target_macs),
-        "round_to": round_to,
-        "floor": float(floor),
+        "target_macs": "auto" if auto else float(target_macs),
+        "round_to": None if auto else round_to,
+        "floor": None if auto else float(floor),
         "base_macs": base_macs,
         "macs": macs,
         "macs_ratio": macs / base_macs,
@@ -173,6 +237,31 @@ def prune_model(
         "kept": {names[m]: mask_pruner.original_index(m).tolist() for m in model.modules()
                  if isinstance(m, InterpretableMask)},
     }
+    if auto:
+        history["removed"] = removed
+    return history
+
+
+def _prune_flagged(pruner: tp.pruner.BasePruner, importance: ICNNImportance) -> None:
+    """Remove, in every prunable group, the channels ``importance`` flags (torch-pruning groups, history kept)."""
+    graph = pruner.DG
+    # Groups are listed before any is pruned: each group's flags refer to the channels as analysed.
+    plans = []
+    for group in graph.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
+        flagged = importance.flagged(group)
+        if flagged is None or not bool(flagged.any()):
+            continue
+        if bool(flagged.all()):  # a layer needs a channel: keep the group's best-scored one
+            flagged = flagged.clone()
+            flagged[int(importance(group).argmax())] = False
+        root = group[0].dep
+        plans.append((root.target.module, root.handler, [int(i) for i in flagged.nonzero()[:, 0]]))
+    for module, handler, idxs in plans:
+        group = graph.get_pruning_group(module, handler, idxs)
+        if not graph.check_pruning_group(group):
+            raise PruningError(f"removing {len(idxs)} flagged channels of {graph._module2name[module]!r} would leave "
+                               "a coupled layer without channels")
+        group.prune()
 
 
 def apply_pruning_history(model: nn.Module, history: Mapping[str, Any]) -> nn.Module:

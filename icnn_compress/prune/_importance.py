@@ -126,7 +126,17 @@ class ICNNImportance(tp.importance.Importance):
                                    f"{masks[name].num_filters}: analyse this run's model.pt")
 
     @torch.no_grad()
-    def __call__(self, group) -> Tensor | None:
+    def flagged(self, group) -> Tensor | None:
+        """Which of the group's channels the analysis flags, ``(n,)`` bool; None for a group without an analysed mask.
+
+        A channel is flagged when it is silent or a redundant twin (score tier below 2) in EVERY analysed mask
+        coupled to it: what ``target_macs = "auto"`` removes.
+        """
+        best = self._analysed(group)
+        return None if best is None else best < 2
+
+    def _analysed(self, group) -> Tensor | None:
+        """The group's per-channel analysed score ``(n,)`` float64 (max over coupled masks), None without one."""
         names = group._DG._module2name
         n = len(group[0].idxs)
         best: Tensor | None = None
@@ -141,6 +151,11 @@ class ICNNImportance(tp.importance.Importance):
             local = scores[origin[torch.as_tensor(list(item.idxs), dtype=torch.long)]]
             start = torch.full((n,), -torch.inf, dtype=torch.float64) if best is None else best
             best = _scatter_max(start, item.root_idxs, local)
+        return best
+
+    @torch.no_grad()
+    def __call__(self, group) -> Tensor | None:
+        best = self._analysed(group)
         if best is None:
             return self.fallback(group)
         unflagged = best >= 2  # useful in at least one coupled layer

@@ -20,7 +20,7 @@ from icnn_compress.train import finetune, load_run_model, loader, resolve_device
 
 from ._graph import prune_model
 from ._importance import MaskPruner, make_importance
-from ._scores import PruningError, load_filter_scores
+from ._scores import PruningError, analysis_settings, flag_counts, load_filter_scores
 
 __all__ = ["prune_run"]
 
@@ -54,6 +54,12 @@ def _recovery_recipe(recipe: Recipe, saved: dict, epochs: int, device: str) -> R
     return replace(recipe, train=replace(recipe.train, epochs=epochs, device=str(device)), icnn=icnn)
 
 
+def _epoch_shares(epochs: int, rounds: int) -> list[int]:
+    """``epochs`` split over ``rounds`` as evenly as possible, the extra epochs to the last rounds."""
+    base, extra = divmod(epochs, rounds)
+    return [base + (1 if k >= rounds - extra else 0) for k in range(rounds)]
+
+
 def _settings(recipe: Recipe, run: str | Path, **given: Any) -> PruneConfig:
     """The recipe's ``[prune]`` section with the ``given`` values that are not None, checked like recipe keys."""
     given = {key: value for key, value in given.items() if value is not None}
@@ -66,12 +72,13 @@ def prune_run(
     *,
     out: str | Path,
     analysis: str | Path | dict | None = None,
-    target_macs: float | None = None,
+    target_macs: float | str | None = None,
     criterion: str | None = None,
     recover_epochs: int | None = None,
     round_to: int | None = None,
     floor: float | None = None,
-    steps: int = 32,
+    steps: int | None = None,
+    schedule_steps: int = 32,
     taylor_batches: int = 4,
     seed: int = 0,
     data_root: str | Path | None = None,
@@ -88,24 +95,30 @@ def prune_run(
     test split, and the pruning history. ``model.pt`` holds the same history under ``"pruning"``
     (``history.json``, written before a recovery, lets an interrupted recovery resume).
 
-    ``target_macs``, ``criterion``, ``recover_epochs``, ``round_to`` and ``floor`` left at None take the
-    value of the ``[prune]`` section of the run's recipe (stored in its ``model.pt``).
+    ``target_macs``, ``criterion``, ``recover_epochs``, ``round_to``, ``floor`` and ``steps`` left at None take
+    the value of the ``[prune]`` section of the run's recipe (stored in its ``model.pt``).
 
     Args:
         run: an unpruned run directory (or model file) from ``icnn finetune`` / ``icnn pipeline``.
         analysis: the run's ``analysis.json`` (or its folder); required by the ``icnn*`` criteria.
-        target_macs: MACs of the pruned model as a fraction of the run's model's.
+        target_macs: MACs of the pruned model as a fraction of the run's model's, or ``"auto"``: remove exactly
+            the filters the analysis flags (silent, and redundancy-cluster members other than the best; the
+            analysis' thresholds and the per-layer counts go into ``pruning.json`` under ``"auto"``).
         criterion: ``icnn`` | ``icnn-l1`` | ``l1`` | ``fpgm`` | ``taylor`` | ``random`` (see
             :func:`make_importance`).
         recover_epochs: fine-tuning epochs after pruning, with the run's arm (filter loss on for ``icnn``
             at the run's κ₀) and its recipe otherwise; 0 saves the pruned model as is.
-        round_to, floor, steps: see :func:`prune_model` (``round_to=1``: no rounding).
+        round_to, floor: see :func:`prune_model` (``round_to=1``: no rounding).
+        steps: rounds of prune + recovery (iterative pruning, :func:`prune_model`'s ``rounds``); the
+            ``recover_epochs`` are shared out over the rounds, the extra ones to the last rounds, so the
+            budget equals one-shot's. Each intermediate round's recovery is a run folder ``out/round-K``.
+        schedule_steps: torch-pruning's iterative steps that search for the MACs target (resolution).
         taylor_batches: training batches per Taylor gradient estimate.
         seed: seeds torch (the ``random`` criterion, the Taylor batches' order).
         resume: continue an interrupted recovery in ``out``: the pruning is redone (deterministic for a
             given seed) and must match ``history.json``, written before the recovery; the recovery goes on
             from ``last.pt`` (or restarts when no epoch had finished). ``pruning.json``, written last, marks
-            the run complete.
+            the run complete. An iterative pruning (``steps > 1``) restarts from its first round.
         trust_code: see :func:`~icnn_compress.train.load_run_model`.
 
     Returns:
@@ -132,7 +145,15 @@ def prune_run(
                                "supported)")
         recipe = recipe_from_dict(saved["recipe"], source=f"{run}/model.pt")
         settings = _settings(recipe, run, target_macs=target_macs, criterion=criterion, recover_epochs=recover_epochs,
-                             round_to=round_to, floor=floor)
+                             round_to=round_to, floor=floor, steps=steps)
+        rounds = settings.steps
+        if rounds > 1 and settings.recover_epochs < rounds:
+            raise PruningError(f"steps = {rounds} rounds of prune + recovery need at least one recovery epoch each; "
+                               f"recover_epochs is {settings.recover_epochs} (raise it or lower steps)")
+        if rounds > 1 and settings.target_macs == "auto":
+            raise PruningError("target_macs = 'auto' removes the flagged filters at once: use steps = 1")
+        # an iterative pruning is not resumed: its later rounds depend on the recoveries between them
+        resume_recovery = resume_recovery and rounds == 1
         data_cfg = relocate(recipe.data, data_root)
         test_set = open_split(data_cfg, "test", progress=progress, single_object=task_object(recipe.icnn))
         test = loader(test_set, batch_size=recipe.train.eval_batch_size, shuffle=False, seed=0, workers=0, device=dev)
@@ -151,9 +172,19 @@ def prune_run(
                            device=dev)
             before_step = _taylor_backward(train, dev, taylor_batches)
         size = saved["architecture"]["image_size"]
+        data_recipe = replace(recipe, data=data_cfg)
+        shares = _epoch_shares(settings.recover_epochs, rounds)
+
+        def recover_round(pruned: nn.Module, k: int) -> None:
+            log.info("round %d/%d: recovering %d epoch(s)", k, rounds, shares[k - 1])
+            finetune(_recovery_recipe(data_recipe, saved, shares[k - 1], device), out_dir.path / f"round-{k}",
+                     arm=saved.get("arm", "icnn"), force=True, progress=progress, model=pruned,
+                     architecture=saved["architecture"], extra={"pruning_round": k})
+
         history = prune_model(model, example_inputs=torch.zeros(1, 3, size, size, device=dev), importance=importance,
                               mask_pruner=mask_pruner, target_macs=settings.target_macs,
-                              round_to=settings.round_to, floor=settings.floor, steps=steps, before_step=before_step)
+                              round_to=settings.round_to, floor=settings.floor, steps=schedule_steps,
+                              rounds=rounds, before_step=before_step, after_round=recover_round)
         history.update(criterion=settings.criterion, source=str(run), seed=seed,
                        analysis=str(analysis) if isinstance(analysis, (str, Path)) else None)
         acc_pruned = validate(model, test, dev, amp=False, channels_last=False)
@@ -162,11 +193,11 @@ def prune_run(
 
         acc_recovered = None
         if settings.recover_epochs > 0:
-            if resume and json.loads(planned.read_text())["steps"] != history["steps"]:
+            if resume and rounds == 1 and json.loads(planned.read_text())["steps"] != history["steps"]:
                 raise PruningError(f"--resume: pruning {run} again gave another result than {planned}; "
                                    "resume with the same criterion, analysis, target and seed, or start afresh")
             atomic_write_text(planned, json.dumps(history))
-            rec = _recovery_recipe(replace(recipe, data=data_cfg), saved, settings.recover_epochs, device)
+            rec = _recovery_recipe(data_recipe, saved, shares[-1], device)
             # The checks above decided this folder is this pruning's: a recovery that is not resumed starts afresh.
             finetune(rec, out_dir.path, arm=saved.get("arm", "icnn"), resume=resume_recovery,
                      force=not resume_recovery, progress=progress,
@@ -185,9 +216,18 @@ def prune_run(
             "accuracy_pruned": acc_pruned,
             "accuracy_recovered": acc_recovered,
             "recover_epochs": settings.recover_epochs,
+            "steps": rounds,
+            "recover_epochs_per_round": shares,
             "seconds": time.perf_counter() - began,
             "history": history,
         }
+        if settings.target_macs == "auto":
+            flags = flag_counts(scores or {})
+            for layer, kept in history["kept"].items():
+                if layer in flags:
+                    flags[layer]["removed"] = len(history["removed"].get(layer, []))
+                    flags[layer]["kept"] = len(kept)
+            record["auto"] = {"thresholds": analysis_settings(analysis), "layers": flags}
         if settings.recover_epochs == 0:
             extra = {k: v for k, v in saved.items() if k not in _RESERVED}
             save_model_file(out_dir.ensure().model_path, state_dict=model.state_dict(),

@@ -14,7 +14,9 @@ from torch import Tensor
 
 from icnn_compress.errors import ICNNError
 
-__all__ = ["FilterScores", "PruningError", "icnn_layer_scores", "load_filter_scores"]
+__all__ = [
+    "FilterScores", "PruningError", "analysis_settings", "flag_counts", "icnn_layer_scores", "load_filter_scores",
+]
 
 
 class PruningError(ICNNError):
@@ -93,6 +95,35 @@ def load_filter_scores(analysis: str | Path | Mapping[str, Any]) -> dict[str, li
         if [r.index for r in recs] != list(range(len(recs))):
             raise PruningError(f"{where}: layer {name!r} does not list filters 0..{len(recs) - 1} exactly once")
     return layers
+
+
+def _read(analysis: str | Path | Mapping[str, Any]) -> Mapping[str, Any]:
+    if isinstance(analysis, Mapping):
+        return analysis
+    path = Path(analysis)
+    path = path / "analysis.json" if path.is_dir() else path
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def analysis_settings(analysis: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """The thresholds an ``analysis.json`` flagged filters with: ``silent_threshold``, ``silent_fraction``,
+    ``redundancy_threshold`` (``None`` where the file does not state one), and the ``split`` it was run on."""
+    summary = _read(analysis).get("summary") or {}
+    settings = summary.get("settings") or {}
+    out = {k: settings.get(k) for k in ("silent_threshold", "silent_fraction", "redundancy_threshold")}
+    return out | {"split": summary.get("split")}
+
+
+def flag_counts(scores: Mapping[str, Iterable[FilterScores]]) -> dict[str, dict[str, int]]:
+    """Per analysed layer: ``num_filters``, ``silent`` and ``redundant`` (cluster members other than the best,
+    not silent), the filters ``target_macs = "auto"`` removes (``flagged`` = silent + redundant)."""
+    out = {}
+    for layer, recs in scores.items():
+        recs = list(recs)
+        silent = sum(r.silent for r in recs)
+        redundant = sum(not r.silent and r.cluster >= 0 and not r.is_cluster_best for r in recs)
+        out[layer] = {"num_filters": len(recs), "silent": silent, "redundant": redundant, "flagged": silent + redundant}
+    return out
 
 
 def _num(v: float | None, default: float) -> float:
