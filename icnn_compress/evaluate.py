@@ -26,6 +26,7 @@ from icnn_compress.metrics import (
     random_peak_reference,
 )
 from icnn_compress.protocol import drops_sparse, fixed_classes, measure_points, read_map, released_classes
+from icnn_compress.errors import ModelError
 from icnn_compress.receptive_field import LayerGeometry, layer_geometry
 
 __all__ = ["evaluate"]
@@ -262,7 +263,7 @@ def evaluate_run(
     model, saved, recipe, dataset = open_run(run, data_root=data_root, split=split, device=dev, progress=progress,
                                              trust_code=trust_code)
     protocol = protocol or recipe.eval.protocol
-    layers = saved["architecture"]["masks"]
+    layers = default_layers(saved["architecture"], run)
     rule = class_rule_for(protocol)
     categories = learned_classes(model, layers) if rule == "learned" else None
     obj = task_object(recipe.icnn)
@@ -283,6 +284,16 @@ def evaluate_run(
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2))
     return result
+
+
+def default_layers(architecture: Mapping[str, Any], run: Any) -> list[str]:
+    """The layers a run is measured at: its masks; a plain model's (:mod:`icnn_compress.plain_model`) top conv."""
+    if architecture["masks"]:
+        return list(architecture["masks"])
+    if architecture.get("top_layer"):
+        return [architecture["top_layer"]]
+    raise ModelError(f"{run} has no masked layer and no known top conv ({architecture['arch']}): pass the module "
+                     "names to analyse with --layers, or the top conv with --top-layer")
 
 
 def open_run(

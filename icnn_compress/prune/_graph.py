@@ -51,6 +51,19 @@ class _Pruner(tp.pruner.BasePruner):
     wide margin. Nearest rounding keeps at least ``round_to`` channels and never more than the layer has.
     """
 
+    def __init__(self, *args: Any, observe: Callable[[Any], None] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._observe = observe
+
+    def step(self, interactive: bool = False):
+        """One pruning step; each group is shown to ``observe`` (the mask pruner's numbering) before it is pruned."""
+        if interactive or self._observe is None:
+            return super().step(interactive)
+        for group in super().step(interactive=True):
+            self._observe(group)
+            group.prune()
+        return None
+
     def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
         kept = current_channels - n_pruned
         kept = max(round_to, int(kept / round_to + 0.5) * round_to)
@@ -108,7 +121,8 @@ def prune_model(
         A plain-data history (``weights_only``-loadable): ``format``, ``steps`` (torch-pruning's pruning
         history: ``[root layer, is output pruning, [indices]]`` in order), ``example_input_shape``,
         ``macs``/``params`` before and after, ``macs_ratio``, ``channels`` ``{layer: [before, after]}``
-        and ``kept`` ``{mask layer: [original index of each remaining filter]}``.
+        and ``kept`` ``{mask layer: [original index of each remaining filter]}`` (for a plain model, the
+        convs that produce its analysed layers).
 
     Raises:
         PruningError: the floor stops pruning before the MACs target is met.
@@ -135,6 +149,7 @@ def prune_model(
             iterative_steps=steps,
             ignored_layers=ignored,
             round_to=round_to,
+            observe=mask_pruner.observe,
             **_graph_kwargs(mask_pruner),
         )
     macs, params = base_macs, base_params
@@ -171,7 +186,7 @@ def prune_model(
         "params": params,
         "channels": {n: [before_channels[n], after_channels.get(n, 0)] for n in before_channels},
         "kept": {names[m]: mask_pruner.original_index(m).tolist() for m in model.modules()
-                 if isinstance(m, InterpretableMask)},
+                 if isinstance(m, InterpretableMask) or mask_pruner.tracks(m)},
     }
 
 
