@@ -1001,7 +1001,7 @@ def analyze_run(
     """
     from torch.utils.data import DataLoader
 
-    from icnn_compress.evaluate import default_layers, open_run
+    from icnn_compress.evaluate import default_layers, open_run, say_what_needs_landmarks
     from icnn_compress.run_folder import check_output
     from icnn_compress.train import resolve_device
 
@@ -1009,6 +1009,8 @@ def analyze_run(
     dev = init_distributed(resolve_device(str(device)))  # under torchrun: join the group, cuda:LOCAL_RANK
     model, saved, recipe, dataset = open_run(run, data_root=data_root, split=split, device=dev, progress=progress,
                                              trust_code=trust_code)
+    if is_main():
+        say_what_needs_landmarks(dataset, "icnn analyze")
     layers = list(layers) if layers else default_layers(saved["architecture"], run)
     protocol = protocol or recipe.eval.protocol
     categories = learned_classes(model, layers) if class_rule_for(protocol) == "learned" else {}
