@@ -176,7 +176,7 @@ def _class_folders(root: Path, classes: int, train: int, test: int, size: int = 
     return root
 
 
-def test_every_stage_runs_on_a_plain_image_folder(capsys, tmp_path):
+def test_every_stage_runs_on_a_plain_image_folder(capsys, caplog, tmp_path):
     """finetune -> evaluate -> analyze -> prune -> export -> compare on class folders with no landmarks: the
     landmark measures say they were skipped, the landmark-free ones are reported."""
     data = _class_folders(tmp_path / "folders", classes=3, train=12, test=4)
@@ -191,6 +191,7 @@ def test_every_stage_runs_on_a_plain_image_folder(capsys, tmp_path):
     code, out, _ = run(capsys, "evaluate", str(run_dir))
     result = json.loads(out)
     assert code == 0 and result["num_images"] == 12 and result["location_instability"] is None
+    assert "has no landmarks, so location instability (and part interpretability) were skipped" in caplog.text
 
     code, out, _ = run(capsys, "analyze", str(run_dir), "--out", str(tmp_path / "analysis"))
     summary = json.loads((tmp_path / "analysis" / "analysis.json").read_text())["summary"]
