@@ -5,7 +5,7 @@ The public API, stage by stage (data → surgery → fine-tune → evaluate → 
 
 from .checkpoint import load_model_file, read_state_dict, save_model_file
 from .config import Recipe, load_recipe, recipe_from_dict, recipe_to_dict, recipe_to_toml
-from .data import CubDataset, generate_fashion_canvas, generate_parts_dataset
+from .data import CubDataset, ImageFolderDataset, generate_fashion_canvas, generate_parts_dataset
 from .errors import (
     CheckpointError,
     DatasetError,
@@ -42,6 +42,7 @@ __all__ = [
     "DatasetError",
     "FilterLoss",
     "ICNNError",
+    "ImageFolderDataset",
     "InterpretableMask",
     "LayerGeometry",
     "MeasurePoint",

@@ -969,7 +969,7 @@ def _safe(name: str) -> str:
 
 
 def analyze_run(
-    run: str | Path,
+    run: str | Path | Any,
     *,
     out: str | Path,
     data_root: str | Path | None = None,
@@ -986,6 +986,9 @@ def analyze_run(
 ) -> dict[str, Any]:
     """Analyse a run directory's ``model.pt`` on a split of its dataset; write the outputs into ``out``.
 
+    ``run`` may also be a :class:`~icnn_compress.plain_model.PlainCheckpoint`, a model no icnn run made:
+    its top conv (or ``layers``) is analysed on its data.
+
     ``protocol`` (None: the recipe's ``eval.protocol``) says where each mask layer is read and which class
     each filter is measured for, as in ``icnn evaluate``. ``trust_code``: see
     :func:`~icnn_compress.train.load_run_model`.
@@ -997,7 +1000,7 @@ def analyze_run(
     """
     from torch.utils.data import DataLoader
 
-    from icnn_compress.evaluate import open_run
+    from icnn_compress.evaluate import default_layers, open_run, say_what_needs_landmarks
     from icnn_compress.run_folder import check_output
     from icnn_compress.train import resolve_device
 
@@ -1005,7 +1008,9 @@ def analyze_run(
     dev = init_distributed(resolve_device(str(device)))  # under torchrun: join the group, cuda:LOCAL_RANK
     model, saved, recipe, dataset = open_run(run, data_root=data_root, split=split, device=dev, progress=progress,
                                              trust_code=trust_code)
-    layers = list(layers) if layers else list(saved["architecture"]["masks"])
+    if is_main():
+        say_what_needs_landmarks(dataset, "icnn analyze")
+    layers = list(layers) if layers else default_layers(saved["architecture"], run)
     protocol = protocol or recipe.eval.protocol
     categories = learned_classes(model, layers) if class_rule_for(protocol) == "learned" else {}
     if is_distributed():

@@ -58,10 +58,26 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model(args: argparse.Namespace):
+    """RUN, or the plain checkpoint that --model/--checkpoint/--data name (a model no icnn run made)."""
+    from .plain_model import PlainCheckpoint
+
+    plain = (args.model, args.checkpoint)
+    if args.run is not None:
+        if any(plain):
+            raise ICNNError(f"{args.run} is a run: --model and --checkpoint are for a model no icnn run made; "
+                            "pass either RUN or --model ARCH --checkpoint FILE --data DIR")
+        return args.run
+    if not all(plain) or args.data is None:
+        raise ICNNError("pass a RUN folder, or --model ARCH --checkpoint FILE --data DIR for a plain checkpoint")
+    return PlainCheckpoint.on_folder(args.model, args.checkpoint, args.data, image_size=args.image_size,
+                                     top_layer=args.top_layer)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
 
-    result = evaluate_run(args.run, data_root=args.data, split=args.split, protocol=args.protocol,
+    result = evaluate_run(_model(args), data_root=args.data, split=args.split, protocol=args.protocol,
                           json_path=args.json, progress=not args.quiet, trust_code=args.trust_code)
     print(json.dumps({k: result[k] for k in ("accuracy", "location_instability", "protocol", "split",
                                              "num_images")}))
@@ -74,7 +90,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     from .distributed import is_main
 
-    result = analyze_run(args.run, out=args.out, data_root=args.data, split=args.split, layers=args.layers,
+    result = analyze_run(_model(args), out=args.out, data_root=args.data, split=args.split, layers=args.layers,
                          progress=not args.quiet, trust_code=args.trust_code)
     if not is_main():  # under torchrun rank 0 writes the analysis; the report reads it, on rank 0 alone
         return 0
@@ -116,7 +132,7 @@ def _target_macs(text: str) -> float | str:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from .prune import prune_run
 
-    result = prune_run(args.run, out=args.out, analysis=args.analysis, target_macs=args.target_macs,
+    result = prune_run(_model(args), out=args.out, analysis=args.analysis, target_macs=args.target_macs,
                        criterion=args.criterion, recover_epochs=args.recover_epochs, round_to=args.round_to,
                        floor=args.floor, steps=args.steps, data_root=args.data, resume=args.resume, device=args.device,
                        progress=not args.quiet, trust_code=args.trust_code)
@@ -127,7 +143,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
 
-    record = export_onnx(args.run, args.out, quantize=args.quantize, calibration=args.calibration,
+    record = export_onnx(_model(args), args.out, quantize=args.quantize, calibration=args.calibration,
                          int8_agreement=args.int8_agreement, data_root=args.data, trust_code=args.trust_code)
     print(json.dumps(record, indent=2, default=str))
     return 0
@@ -191,6 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="import the 'module:builder' a model file names even when no installed package registers "
                             "it (entry point group icnn_compress.models): only for a run you trust, it runs code")
 
+    def with_run_or_plain(p: argparse.ArgumentParser) -> None:
+        p.add_argument("run", type=Path, nargs="?", default=None,
+                       help="run folder (or model file); or leave it out and name a plain checkpoint with --model, "
+                            "--checkpoint and --data")
+        p.add_argument("--model", metavar="ARCH", default=None,
+                       help="a plain model's architecture: a torchvision name (mobilenet_v2) or 'package.module:builder'")
+        p.add_argument("--checkpoint", type=Path, default=None, metavar="FILE",
+                       help="the plain model's weights (.pth: a state_dict, or a dict holding one), with --model")
+        p.add_argument("--image-size", type=int, default=224, metavar="S",
+                       help="with --model: the side the images are resized to (default 224)")
+        p.add_argument("--top-layer", default=None, metavar="NAME",
+                       help="with --model: the layer analysed by default (default: the torchvision architecture's "
+                            "top conv; a builder needs it or --layers)")
+
     p = sub.add_parser("make-dataset", help="generate a part-annotated dataset in the CUB-200-2011 layout")
     p.add_argument("kind", choices=["parts", "fashion-canvas"])
     p.add_argument("--out", required=True, type=Path)
@@ -216,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("evaluate", help="accuracy and location instability of a run")
-    p.add_argument("run", type=Path)
+    with_run_or_plain(p)
     p.add_argument("--data", type=Path, default=None,
                    help="dataset folder, read whole (default: the run's data.root, with the recipe's limits)")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
@@ -227,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("analyze", help="per-filter exclusivity, spatial entropy, silence, redundancy, instability")
-    p.add_argument("run", type=Path)
+    with_run_or_plain(p)
     p.add_argument("--data", type=Path, default=None,
                    help="dataset folder, read whole (default: the run's data.root, with the recipe's limits)")
     p.add_argument("--split", default="test", choices=["train", "test", "all"])
@@ -268,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="remove silent and redundant filters (torch-pruning), then recover",
                        description="Prune a run to a MACs target, then recover. The settings come from the [prune] "
                                    "section of the run's recipe; each flag given overrides its key.")
-    p.add_argument("run", type=Path)
+    with_run_or_plain(p)
     p.add_argument("--analysis", type=Path, default=None, help="the run's analysis folder (icnn criteria)")
     p.add_argument("--criterion", choices=list(CRITERIA), help="prune.criterion")
     p.add_argument("--target-macs", type=_target_macs, metavar="R",
@@ -288,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prune)
 
     p = sub.add_parser("export", help="ONNX export with onnx.checker and an onnxruntime parity check")
-    p.add_argument("run", type=Path)
+    with_run_or_plain(p)
     p.add_argument("--out", required=True, type=Path, help="model.onnx")
     p.add_argument("--quantize", choices=["int8"], default=None)
     p.add_argument("--calibration", type=int, default=256, help="images for int8 calibration")

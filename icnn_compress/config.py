@@ -103,6 +103,15 @@ class DataConfig:
     """Where the images are and how they are read."""
 
     root: str = "data/parts"  # relative paths stay relative (resolved against the current directory)
+    # "cub": the CUB-200-2011 layout (images.txt, parts/ ...); "imagefolder": class folders as torchvision's
+    # ImageFolder reads them (optional train/, val/, test/); "auto": cub where root holds images.txt (or
+    # is still to be generated), imagefolder where it holds folders
+    format: str = _choices("auto", "cub", "imagefolder", default="auto")
+    # imagefolder only: a COCO-style keypoints JSON giving landmarks (relative paths are read from root)
+    keypoints: str | None = None
+    # imagefolder without train/: the share of each class held out as the test split, drawn with split_seed
+    test_fraction: float = _within(0.0, 1.0, 0.2, open_low=True, open_high=True)
+    split_seed: int = 0
     image_size: int = _at_least(1, 64)
     crop_to_box: bool = False
     hflip: bool = False  # random horizontal flips of training images (classes must be flip-invariant)

@@ -7,6 +7,7 @@ https://arxiv.org/abs/1710.00935), section 4.2; METHOD.md sections 6 and 8 give 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,9 +27,12 @@ from icnn_compress.metrics import (
     random_peak_reference,
 )
 from icnn_compress.protocol import drops_sparse, fixed_classes, measure_points, read_map, released_classes
+from icnn_compress.errors import ModelError
 from icnn_compress.receptive_field import LayerGeometry, layer_geometry
 
 __all__ = ["evaluate"]
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(
@@ -261,8 +265,9 @@ def evaluate_run(
     dev = resolve_device(str(device))
     model, saved, recipe, dataset = open_run(run, data_root=data_root, split=split, device=dev, progress=progress,
                                              trust_code=trust_code)
+    say_what_needs_landmarks(dataset, "icnn evaluate")
     protocol = protocol or recipe.eval.protocol
-    layers = saved["architecture"]["masks"]
+    layers = default_layers(saved["architecture"], run)
     rule = class_rule_for(protocol)
     categories = learned_classes(model, layers) if rule == "learned" else None
     obj = task_object(recipe.icnn)
@@ -283,6 +288,23 @@ def evaluate_run(
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2))
     return result
+
+
+def say_what_needs_landmarks(dataset: Any, command: str) -> None:
+    """Warn, in one line, which measures ``command`` skips on a dataset without landmarks (plain class folders)."""
+    if not list(dataset.landmark_names):
+        log.warning("%s: %s has no landmarks, so location instability (and part interpretability) were skipped; "
+                    "data.keypoints adds landmarks to class folders", command, dataset.root)
+
+
+def default_layers(architecture: Mapping[str, Any], run: Any) -> list[str]:
+    """The layers a run is measured at: its masks; a plain model's (:mod:`icnn_compress.plain_model`) top conv."""
+    if architecture["masks"]:
+        return list(architecture["masks"])
+    if architecture.get("top_layer"):
+        return [architecture["top_layer"]]
+    raise ModelError(f"{run} has no masked layer and no known top conv ({architecture['arch']}): pass the module "
+                     "names to analyse with --layers, or the top conv with --top-layer")
 
 
 def open_run(

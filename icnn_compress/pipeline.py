@@ -153,6 +153,10 @@ def _analyse(out: Path, progress: bool, trust: bool) -> None:
            extra_sections=[("", compare_html_section(out / "compare"))])
 
 
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _ratio(value: float | None, base: float | None) -> str:
     if value is None or base is None or base == 0:
         return "-"
@@ -177,8 +181,12 @@ def format_table(results: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(
-        f"references at {layers[0]}: random peak {ref.get('random_reference', float('nan')):.4f}, "
-        f"oracle landmark {ref.get('oracle_reference', float('nan')):.4f} (lower is better; ratios × baseline)"
-    )
+    if ref.get("random_reference") is None and ref.get("location_instability") is None:
+        lines.append("the data has no landmarks: location instability was skipped (-); data.keypoints adds them "
+                     "to class folders")
+    else:
+        lines.append(
+            f"references at {layers[0]}: random peak {_number(ref.get('random_reference'))}, "
+            f"oracle landmark {_number(ref.get('oracle_reference'))} (lower is better; ratios × baseline)"
+        )
     return "\n".join(lines)

@@ -89,6 +89,10 @@ def write_plots(analysis_dir: str | Path, *, baseline: str | Path | None = None)
         for ax, (key, title, rng) in zip(axes.flat, panels):
             v = _values(doc["filters"], layer, key)
             if v:
+                lo, hi = min(v), max(v)
+                if rng is None and hi - lo < 1e-9 * max(1.0, abs(hi)):
+                    # values equal up to rounding (e.g. every MIS ~1e-17): numpy cannot cut 20 bins from that
+                    rng = (lo - 0.5, hi + 0.5)
                 ax.hist(v, bins=20, range=rng, color="#3b6ea5")
             else:
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)

@@ -25,6 +25,7 @@ from .mask import InterpretableMask
 __all__ = [
     "ARCHITECTURES",
     "BUILDER_ENTRY_POINTS",
+    "PLAIN",
     "VARIANTS",
     "ArchSpec",
     "build_base_model",
@@ -34,6 +35,8 @@ __all__ = [
 ]
 
 VARIANTS = ("icnn", "baseline")
+# the architecture record of a model no icnn run made (icnn_compress.plain_model): the network as built, no masks
+PLAIN = "plain"
 
 # Installed packages list their model builders here; a model file may name those without --trust-code.
 BUILDER_ENTRY_POINTS = "icnn_compress.models"
@@ -309,6 +312,8 @@ def build_model(architecture: dict, *, trust_code: bool = False, source: str = "
     a = architecture
     _check_trusted(a["arch"], trust_code=trust_code, source=source)
     model = build_base_model(a["arch"], num_classes=a["num_classes"])
+    if a["variant"] == PLAIN:
+        return model
     make_interpretable(
         model,
         arch=a["arch"],

@@ -54,8 +54,9 @@ from .distributed import (
 from .errors import CheckpointError, DatasetError, ModelError, TrainingError
 from .kappa import R_BANDS, R_COLLAPSE, CollapseGuard, calibrate_kappa
 from .loss import FilterLoss
+from .plain_model import PlainCheckpoint
 from .run_folder import check_same_run, claim_folder, locked
-from .surgery import build_base_model, build_model, make_interpretable
+from .surgery import PLAIN, build_base_model, build_model, make_interpretable
 
 __all__ = ["ARMS", "build_for_recipe", "calibrate", "finetune", "load_run_model", "pretrain", "resolve_device"]
 
@@ -620,10 +621,15 @@ def _finetune(recipe: Recipe, run: RunDir, arm: str, resume: bool, force: bool, 
     elif architecture is None:
         raise ValueError("finetune(model=...) needs the model's architecture record too")
     _prepare(model, setup)
-    _set_class_frequency(model, setup.train_data.labels.to(setup.device), architecture["num_classes"])
+    # A plain model (a pruned PlainCheckpoint recovering, arm "baseline") has no mask: no filter loss, no
+    # per-filter statistics, the task loss alone.
+    plain = architecture.get("variant") == PLAIN
+    if not plain:
+        _set_class_frequency(model, setup.train_data.labels.to(setup.device), architecture["num_classes"])
     t = recipe.train
     optimizer = make_optimizer(model, t.optimizer, t.lr, t.momentum, t.weight_decay)
-    filter_loss = _filter_loss(model, recipe)
+    filter_loss = None if plain else _filter_loss(model, recipe)
+    masks = {} if filter_loss is None else filter_loss.masks
     settings = _settings(recipe, arm, t)
     start = 1
     kappa0: float
@@ -659,7 +665,7 @@ def _finetune(recipe: Recipe, run: RunDir, arm: str, resume: bool, force: bool, 
                           r_collapse=R_COLLAPSE[t.optimizer], r_target=R_BANDS[t.optimizer][0])
     if guard.enabled and start == 1:
         _, val_data = setup.loaders(t.seed)
-        _, dead = validate_filters(model, val_data, setup.device, filter_loss.masks, amp=setup.amp,
+        _, dead = validate_filters(model, val_data, setup.device, masks, amp=setup.amp,
                                    channels_last=setup.channels_last)
         guard.last = {**(initial or {}), "layers": {n: {"dead": d} for n, d in dead.items()}}
     good = _snapshot(model, optimizer)
@@ -668,7 +674,8 @@ def _finetune(recipe: Recipe, run: RunDir, arm: str, resume: bool, force: bool, 
         while epoch <= t.epochs:
             kappa = kappa0 / epoch
             train_data, val_data = setup.loaders(t.seed + epoch)
-            filter_loss.reset_stats()
+            if filter_loss is not None:
+                filter_loss.reset_stats()
             began = time.perf_counter()
             try:
                 stats = _train_epoch(runner, filter_loss, optimizer, train_data, setup, epoch=epoch, epochs=t.epochs,
@@ -683,12 +690,12 @@ def _finetune(recipe: Recipe, run: RunDir, arm: str, resume: bool, force: bool, 
                                         f"checkpoint is {run.last_path} (epoch {epoch - 1}): run again with "
                                         "--resume --force and the new setting") from None
                 stats = {"train_loss": math.inf, "train_acc": 0.0}
-            layers = _epoch_stats(filter_loss)
+            layers = {} if filter_loss is None else _epoch_stats(filter_loss)
             # The bare, eager module: under DDP each rank runs a different number of eval batches and DDP's
             # forward may hold collectives; a compiled runner would recompile for validation's recording
             # hooks, new closures every epoch.
             val_acc, dead = validate_filters(model, val_data, setup.device,
-                                             filter_loss.masks, amp=setup.amp, channels_last=setup.channels_last)
+                                             masks, amp=setup.amp, channels_last=setup.channels_last)
             for name, count in dead.items():
                 layers[name]["dead"] = count
             record = {"stage": "finetune", "arm": arm, "epoch": epoch, "kappa": kappa, "kappa0": kappa0,
@@ -734,7 +741,7 @@ def _finetune(recipe: Recipe, run: RunDir, arm: str, resume: bool, force: bool, 
             "recipe": recipe_to_dict(recipe),
             "choices": {"peak": recipe.icnn.peak, "beta": recipe.icnn.beta, "loss": recipe.icnn.loss,
                         "baseline": "same architecture, masks inactive, no filter loss"},
-            "filter_categories": {n: m.category.tolist() for n, m in filter_loss.masks.items()},
+            "filter_categories": {n: m.category.tolist() for n, m in masks.items()},
             "task": {"task": recipe.icnn.task, "object": task_object(recipe.icnn)},
             "splits": {"train": len(setup.train_data), "val": len(setup.val_data) if setup.val_data is not
                        setup.train_data else 0, "val_fraction": recipe.data.val_fraction,
@@ -822,7 +829,7 @@ class _compiled:
 
 
 def load_run_model(
-    run: str | Path, *, device: str | torch.device = "cpu", trust_code: bool = False
+    run: str | Path | PlainCheckpoint, *, device: str | torch.device = "cpu", trust_code: bool = False
 ) -> tuple[nn.Module, dict]:
     """Load a run's ``model.pt`` (or a model file path) into a fresh model; return it and the saved record.
 
@@ -833,6 +840,9 @@ def load_run_model(
     ``trust_code`` lets the file's ``"module:builder"`` arch be imported when no installed package registers it
     (:func:`~icnn_compress.surgery.build_model`); a file from elsewhere runs code only so.
     """
+    if isinstance(run, PlainCheckpoint):  # a model no icnn run made: its weights, no model file
+        model, saved = run.load()
+        return model.to(device).eval(), saved
     path = Path(run)
     path = path / "model.pt" if path.is_dir() else path
     saved = load_model_file(path)

@@ -168,3 +168,57 @@ def test_every_flag_a_message_names_exists():
     package = Path(__file__).resolve().parent.parent / "icnn_compress"
     named = {m for f in package.rglob("*.py") for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", f.read_text())}
     assert named - flags == {"--nproc-per-node"}  # torchrun's, in the distributed module's advice
+
+
+def _class_folders(root: Path, classes: int, train: int, test: int, size: int = 32) -> Path:
+    """``train/<class>/*.png`` and ``test/<class>/*.png``: each class a colour plus noise, torchvision's layout."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("test", test)):
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            colour = np.array([255 * (c % 2), 255 * (c // 2 % 2), 128], dtype=np.float64)
+            for i in range(count):
+                pixels = np.clip(colour + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return root
+
+
+def test_every_stage_runs_on_a_plain_image_folder(capsys, caplog, tmp_path):
+    """finetune -> evaluate -> analyze -> prune -> export -> compare on class folders with no landmarks: the
+    landmark measures say they were skipped, the landmark-free ones are reported."""
+    data = _class_folders(tmp_path / "folders", classes=3, train=12, test=4)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(QUICKSTART.read_text())
+    settings = ["--set", f"data.root={data}", "--set", "data.generate=none", "--set", "data.format=imagefolder",
+                "--set", "data.image_size=32", "--set", "data.hflip=false", "--set", "train.epochs=1",
+                "--set", "train.batch_size=12", "--set", "icnn.kappa=1e-4", "--set", "icnn.pilot_batches=1"]
+    run_dir = tmp_path / "icnn"
+    assert run(capsys, "finetune", str(recipe), *settings, "--out", str(run_dir))[0] == 0
+
+    code, out, _ = run(capsys, "evaluate", str(run_dir))
+    result = json.loads(out)
+    assert code == 0 and result["num_images"] == 12 and result["location_instability"] is None
+    assert "has no landmarks, so location instability (and part interpretability) were skipped" in caplog.text
+
+    code, out, _ = run(capsys, "analyze", str(run_dir), "--out", str(tmp_path / "analysis"))
+    summary = json.loads((tmp_path / "analysis" / "analysis.json").read_text())["summary"]
+    assert code == 0 and summary["landmark_names"] == [] and summary["num_images"] == 12
+    assert all(layer["location_instability"] is None for layer in summary["layers"].values())
+
+    code, out, _ = run(capsys, "prune", str(run_dir), "--analysis", str(tmp_path / "analysis"), "--recover-epochs",
+                       "0", "--round-to", "1", "--out", str(tmp_path / "pruned"))
+    assert code == 0 and json.loads(out)["macs_ratio"] <= 0.5
+
+    code, out, _ = run(capsys, "export", str(tmp_path / "pruned"), "--out", str(tmp_path / "onnx" / "model.onnx"))
+    assert code == 0 and json.loads(out)["passed"] is True
+
+    code, out, _ = run(capsys, "compare", str(run_dir), "--methods", "icnn,gradcam", "--limit", "4",
+                       "--out", str(tmp_path / "compare"))
+    assert code == 0
+    assert "the data has no landmarks: the pointing game and the distance spread were skipped" in out
+    compared = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    assert compared["models"]["icnn"]["explainers"]["gradcam"]["deletion_auc"] is not None

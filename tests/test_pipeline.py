@@ -226,3 +226,10 @@ def test_format_table_exact_text():
         "pruned    60.00  0       -              -   ",
         "references at conv: random peak 0.3000, oracle landmark 0.0500 (lower is better; ratios × baseline)",
     ])
+
+
+def test_format_table_on_data_without_landmarks_says_instability_was_skipped():
+    results = {"icnn": {"accuracy": 0.5, "kappa0": 1e-3, "layers": {"conv": {
+        "location_instability": None, "random_reference": None, "oracle_reference": None, "dead": 0}}}}
+    assert format_table(results).splitlines()[-1] == (
+        "the data has no landmarks: location instability was skipped (-); data.keypoints adds them to class folders")

@@ -1,13 +1,17 @@
-"""Datasets: the CUB-200-2011 layout reader and the generators that write that layout."""
+"""Datasets: the CUB-200-2011 and class-folder readers (one sample interface) and the generators of the CUB layout."""
 
 from icnn_compress.data.cub import IMAGENET_MEAN, IMAGENET_STD, CubDataset
 from icnn_compress.data.fashion import generate_fashion_canvas
 from icnn_compress.data.generate import generate_parts_dataset
+from icnn_compress.data.imagefolder import ImageFolderDataset
+from icnn_compress.data.keypoints import read_keypoints
 
 __all__ = [
     "CubDataset",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "ImageFolderDataset",
     "generate_fashion_canvas",
     "generate_parts_dataset",
+    "read_keypoints",
 ]

@@ -7,18 +7,15 @@ optional ``parts/part_masks.txt`` (``<image_id> <part_id> <mask.png relative to 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torchvision.models import VGG16_Weights
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
-from icnn_compress.data._image import open_image
 from icnn_compress.data._layout import ANNOTATION_FILES, PART_MASKS_FILE
+from icnn_compress.data._samples import LandmarkImages
 from icnn_compress.errors import DatasetError
 
 _IMAGENET_TRANSFORMS = VGG16_Weights.IMAGENET1K_V1.transforms()
@@ -80,7 +77,7 @@ def _validation_ids(ids: Sequence[int], labels: dict, fraction: float, seed: int
     return held
 
 
-class CubDataset(torch.utils.data.Dataset):
+class CubDataset(LandmarkImages):
     """Return samples of a CUB-200-2011 folder as dicts of tensors, cropped to the box and resized to S×S.
 
     Each sample holds ``image`` float32 (3, S, S) normalised by ``mean``/``std``; ``label`` int64 (0-based);
@@ -130,6 +127,7 @@ class CubDataset(torch.utils.data.Dataset):
         if image_size < 1:
             raise DatasetError(f"image_size must be positive, got {image_size}")
         self.root = Path(root).expanduser()
+        self._box_file = str(self.root / "bounding_boxes.txt")
         self.image_size = image_size
         self.crop_to_box = crop_to_box
         self.mean = list(mean)
@@ -235,56 +233,3 @@ class CubDataset(torch.utils.data.Dataset):
                 r, kk = row_of.get(image_id), part_index.get(part_id)
                 if r is not None and kk is not None:
                     self._masks[r][kk] = self.root / rel
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def _crop(self, i: int, width: int, height: int) -> tuple[int, int, int, int]:
-        """Return the crop (left, top, w, h) in whole pixels."""
-        if not self.crop_to_box:
-            return 0, 0, width, height
-        x, y, w, h = self.boxes[i].tolist()
-        x0, y0 = max(0, math.floor(x)), max(0, math.floor(y))
-        x1, y1 = min(width, math.ceil(x + w)), min(height, math.ceil(y + h))
-        if x1 <= x0 or y1 <= y0:
-            raise DatasetError(
-                f"{self.root / 'bounding_boxes.txt'}: image {self.image_ids[i]} has box {(x, y, w, h)}, "
-                f"which is empty inside its {width}x{height} image"
-            )
-        return x0, y0, x1 - x0, y1 - y0
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not 0 <= i < len(self):
-            raise IndexError(f"index {i} out of range for a dataset of {len(self)} images")
-        s = self.image_size
-        img = open_image(self.image_paths[i], "RGB")
-        left, top, cw, ch = self._crop(i, img.width, img.height)
-        image = F.pil_to_tensor(img)  # (3, H, W) uint8
-        image = F.resized_crop(image, top, left, ch, cw, [s, s], antialias=True)
-        image = F.normalize(F.to_dtype(image, torch.float32, scale=True), self.mean, self.std)
-
-        scale = np.array([s / cw, s / ch])
-        points = (self._points[i] - np.array([left, top])) * scale  # (K, 2)
-        inside = np.all((points >= 0) & (points <= s), axis=1)
-        visible = self._visible[i] & inside
-        points[~visible] = 0.0
-        sample = {
-            "image": image,
-            "label": self.labels[i].clone(),
-            "landmarks": torch.from_numpy(points.astype(np.float32)),
-            "visible": torch.from_numpy(visible),
-            "index": torch.tensor(i, dtype=torch.int64),
-        }
-        if self.has_part_masks:
-            masks = torch.zeros(len(self.landmark_names), s, s, dtype=torch.bool)  # (K, S, S)
-            for kk, file in self._masks[i].items():
-                mask = F.pil_to_tensor(open_image(file, "L"))  # (1, H, W)
-                if mask.shape[-2:] != (img.height, img.width):
-                    raise DatasetError(
-                        f"mask {file} is {mask.shape[-1]}x{mask.shape[-2]} but its image "
-                        f"{self.image_paths[i]} is {img.width}x{img.height}"
-                    )
-                mask = F.resized_crop(mask, top, left, ch, cw, [s, s], interpolation=InterpolationMode.NEAREST)
-                masks[kk] = mask[0] > 0
-            sample["part_masks"] = masks
-        return sample

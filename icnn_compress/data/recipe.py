@@ -8,11 +8,13 @@ from pathlib import Path
 
 from ..config import DataConfig, ICNNConfig
 from ..errors import DatasetError
+from ._samples import LandmarkImages
 from .cub import CubDataset
 from .fashion import generate_fashion_canvas
 from .generate import generate_parts_dataset
+from .imagefolder import ImageFolderDataset, is_image_folder
 
-__all__ = ["ensure_dataset", "open_split", "relocate", "task_object"]
+__all__ = ["dataset_format", "ensure_dataset", "open_split", "relocate", "task_object"]
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +33,23 @@ def relocate(cfg: DataConfig, root: str | Path | None, *, whole: bool = False) -
     return replace(cfg, root=str(root), generate=None, **limits)
 
 
+def dataset_format(cfg: DataConfig) -> str:
+    """``cfg.format``, with ``"auto"`` resolved: ``"imagefolder"`` for a folder of folders without images.txt."""
+    if cfg.format != "auto":
+        return cfg.format
+    return "imagefolder" if cfg.generate is None and is_image_folder(cfg.root) else "cub"
+
+
 def ensure_dataset(cfg: DataConfig, *, progress: bool = True) -> Path:
     """Return ``cfg.root``, generating it with ``cfg.generate`` when it does not exist yet."""
     root = Path(cfg.root)
+    fmt = dataset_format(cfg)
+    if fmt == "imagefolder" and cfg.generate is not None:
+        raise DatasetError(f"data.generate = {cfg.generate!r} writes the CUB layout, not class folders; remove "
+                           "data.generate or set data.format = \"cub\"")
+    if fmt == "cub" and cfg.keypoints is not None:
+        raise DatasetError("data.keypoints is for class folders (data.format = \"imagefolder\"); the CUB layout "
+                           "has its landmarks in parts/part_locs.txt")
     if (root / "images.txt").is_file() or cfg.generate is None:
         return root
     if root.exists() and any(root.iterdir()):
@@ -43,14 +59,35 @@ def ensure_dataset(cfg: DataConfig, *, progress: bool = True) -> Path:
     return root
 
 
-def open_split(cfg: DataConfig, split: str, *, progress: bool = True, single_object: str | None = None) -> CubDataset:
+def open_split(
+    cfg: DataConfig, split: str, *, progress: bool = True, single_object: str | None = None
+) -> LandmarkImages:
     """Open one split ("train", "val", "test" or "all") of the recipe's dataset at the recipe's image size.
 
     ``single_object`` (the recipe's ``icnn.object`` in a single-category task, see :func:`task_object`)
-    relabels the images as object / other.
+    relabels the images as object / other. ``data.format`` picks the reader
+    (:class:`~icnn_compress.data.CubDataset` or :class:`~icnn_compress.data.ImageFolderDataset`); both yield
+    the same samples.
     """
     root = ensure_dataset(cfg, progress=progress)
     limit = cfg.limit_train if split in ("train", "val") else cfg.limit_test
+    if dataset_format(cfg) == "imagefolder":
+        return ImageFolderDataset(
+            root,
+            split=split,
+            image_size=cfg.image_size,
+            crop_to_box=cfg.crop_to_box,
+            mean=cfg.mean,
+            std=cfg.std,
+            landmarks=cfg.landmarks,
+            keypoints=cfg.keypoints,
+            limit=limit,
+            val_fraction=cfg.val_fraction,
+            val_seed=cfg.val_seed,
+            test_fraction=cfg.test_fraction,
+            split_seed=cfg.split_seed,
+            single_object=single_object,
+        )
     return CubDataset(
         root,
         split=split,

@@ -51,6 +51,19 @@ class _Pruner(tp.pruner.BasePruner):
     wide margin. Nearest rounding keeps at least ``round_to`` channels and never more than the layer has.
     """
 
+    def __init__(self, *args: Any, observe: Callable[[Any], None] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._observe = observe
+
+    def step(self, interactive: bool = False):
+        """One pruning step; each group is shown to ``observe`` (the mask pruner's numbering) before it is pruned."""
+        if interactive or self._observe is None:
+            return super().step(interactive)
+        for group in super().step(interactive=True):
+            self._observe(group)
+            group.prune()
+        return None
+
     def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
         kept = current_channels - n_pruned
         kept = max(round_to, int(kept / round_to + 0.5) * round_to)
@@ -135,8 +148,9 @@ def prune_model(
         history: ``[root layer, is output pruning, [indices]]`` in order), ``example_input_shape``,
         ``macs``/``params`` before and after, ``macs_ratio``, ``rounds`` (``[{"round", "target",
         "macs_ratio", "iterations"}]``), ``channels`` ``{layer: [before, after]}`` and ``kept``
-        ``{mask layer: [original index of each remaining filter]}``; with ``"auto"`` also ``removed``
-        ``{mask layer: [original index of each removed filter]}``.
+        ``{mask layer: [original index of each remaining filter]}`` (for a plain model, the convs that
+        produce its analysed layers); with ``"auto"`` also ``removed`` ``{mask layer: [original index of
+        each removed filter]}``.
 
     Raises:
         PruningError: the floor stops pruning before the MACs target is met; ``"auto"`` without an
@@ -173,6 +187,7 @@ def prune_model(
             iterative_steps=steps,
             ignored_layers=ignored,
             round_to=round_to,
+            observe=mask_pruner.observe,
             **_graph_kwargs(mask_pruner),
         )
     names = {m: n for n, m in model.named_modules()}
@@ -235,14 +250,14 @@ def prune_model(
         "params": params,
         "channels": {n: [before_channels[n], after_channels.get(n, 0)] for n in before_channels},
         "kept": {names[m]: mask_pruner.original_index(m).tolist() for m in model.modules()
-                 if isinstance(m, InterpretableMask)},
+                 if isinstance(m, InterpretableMask) or mask_pruner.tracks(m)},
     }
     if auto:
         history["removed"] = removed
     return history
 
 
-def _prune_flagged(pruner: tp.pruner.BasePruner, importance: ICNNImportance) -> None:
+def _prune_flagged(pruner: _Pruner, importance: ICNNImportance) -> None:
     """Remove, in every prunable group, the channels ``importance`` flags (torch-pruning groups, history kept)."""
     graph = pruner.DG
     # Groups are listed before any is pruned: each group's flags refer to the channels as analysed.
@@ -261,6 +276,8 @@ def _prune_flagged(pruner: tp.pruner.BasePruner, importance: ICNNImportance) -> 
         if not graph.check_pruning_group(group):
             raise PruningError(f"removing {len(idxs)} flagged channels of {graph._module2name[module]!r} would leave "
                                "a coupled layer without channels")
+        if pruner._observe is not None:  # a plain model's followed convs keep their first-seen numbering
+            pruner._observe(group)
         group.prune()
 
 

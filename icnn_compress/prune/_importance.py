@@ -18,7 +18,7 @@ from icnn_compress.mask import InterpretableMask
 
 from ._scores import FilterScores, PruningError, icnn_layer_scores
 
-__all__ = ["CRITERIA", "ICNNImportance", "MaskPruner", "RawFPGMImportance", "make_importance"]
+__all__ = ["CRITERIA", "ICNNImportance", "MaskPruner", "RawFPGMImportance", "make_importance", "producing_conv"]
 
 CRITERIA = ("icnn", "icnn-l1", "l1", "fpgm", "taylor", "random")
 
@@ -34,7 +34,10 @@ class MaskPruner(tp.pruner.BasePruningFunc):
     ``class_peak`` ``(C, D)``; ``class_seen`` and ``class_freq`` are per class and stay.
 
     It also remembers, for every mask it pruned, which channels of the mask as first seen remain
-    (:meth:`original_index`): the analysis numbers filters in the unpruned model.
+    (:meth:`original_index`): the analysis numbers filters in the unpruned model. A plain model's analysed
+    conv (no mask: :class:`~icnn_compress.plain_model.PlainCheckpoint`) is pruned by torch-pruning's own
+    conv pruner; :meth:`follow` names it and :meth:`observe`, given every group before it is pruned,
+    keeps its numbering the same way.
     """
 
     TARGET_MODULES = InterpretableMask
@@ -43,15 +46,28 @@ class MaskPruner(tp.pruner.BasePruningFunc):
         super().__init__(pruning_dim=0)
         self._origin: dict[InterpretableMask, Tensor] = {}
 
-    def original_index(self, layer: InterpretableMask) -> Tensor:
+    def original_index(self, layer: nn.Module) -> Tensor:
         """The first-seen channel index of each current channel of ``layer``, ``(D,)`` long on the CPU."""
         if layer not in self._origin:
-            self._origin[layer] = torch.arange(layer.num_filters)
+            self._origin[layer] = torch.arange(_width(layer))
         return self._origin[layer]
 
-    def tracks(self, layer: InterpretableMask) -> bool:
+    def tracks(self, layer: nn.Module) -> bool:
         """Whether this pruner has seen ``layer`` (its channel numbering may differ from the analysis')."""
         return layer in self._origin
+
+    def follow(self, conv: nn.Module) -> None:
+        """Keep the first-seen numbering of ``conv``'s output channels (an analysed conv of a plain model)."""
+        self.original_index(conv)
+
+    def observe(self, group) -> None:
+        """Update the numbering of the followed convs whose output channels ``group`` is about to prune."""
+        for item in group:
+            layer = item.dep.target.module
+            if layer in self._origin and not isinstance(layer, InterpretableMask) and item.dep.handler in _OUT:
+                drop = set(int(i) for i in item.idxs)
+                keep = [i for i in range(len(self._origin[layer])) if i not in drop]
+                self._origin[layer] = self._origin[layer][torch.tensor(keep, dtype=torch.long)]
 
     def prune_out_channels(self, layer: InterpretableMask, idxs: Sequence[int]) -> InterpretableMask:
         drop = set(int(i) for i in idxs)
@@ -71,6 +87,33 @@ class MaskPruner(tp.pruner.BasePruningFunc):
         return layer.num_filters
 
     get_in_channels = get_out_channels
+
+
+def _width(layer: nn.Module) -> int:
+    """Output channels of a mask, a conv or a linear layer."""
+    if isinstance(layer, InterpretableMask):
+        return layer.num_filters
+    return layer.out_channels if isinstance(layer, nn.modules.conv._ConvNd) else layer.out_features
+
+
+def producing_conv(model: nn.Module, name: str) -> nn.Module | None:
+    """The conv whose output channels are the channels of module ``name`` (a plain model's analysed layer).
+
+    The module itself when it is a conv; else the last conv inside it (MobileNetV2's ``features.18``, a
+    conv-BN-ReLU6 block); else the last conv registered before it (a ReLU after its conv and BatchNorm).
+    """
+    modules = list(model.named_modules())
+    at = next((i for i, (n, _) in enumerate(modules) if n == name), None)
+    if at is None:
+        return None
+    convs = [(i, m) for i, (n, m) in enumerate(modules) if isinstance(m, nn.modules.conv._ConvNd)]
+    inside = [m for i, m in convs if modules[i][0].startswith(f"{name}.")]
+    if isinstance(modules[at][1], nn.modules.conv._ConvNd):
+        return modules[at][1]
+    if inside:
+        return inside[-1]
+    before = [m for i, m in convs if i < at]
+    return before[-1] if before else None
 
 
 def _scatter_max(target: Tensor, root_idxs: Sequence[int], values: Tensor) -> Tensor:
@@ -113,17 +156,29 @@ class ICNNImportance(tp.importance.Importance):
         self.mask_pruner = mask_pruner
         self.fallback = fallback or tp.importance.MagnitudeImportance(p=1)
         self.rest = rest
+        self._plain: dict[nn.Module, str] = {}  # analysed conv of a plain model -> the analysed layer's name
 
     def check_model(self, model: nn.Module) -> None:
-        """Raise PruningError when the analysis names a layer the model lacks or counts its filters differently."""
+        """Raise PruningError when the analysis names a layer the model lacks or counts its filters differently.
+
+        A model without masks (a plain checkpoint) is analysed at ordinary layers: each is scored through the
+        conv that produces its channels (:func:`producing_conv`), which the mask pruner then follows.
+        """
         masks = {n: m for n, m in model.named_modules() if isinstance(m, InterpretableMask)}
         for name, s in self.layer_scores.items():
-            if name not in masks:
+            layer = masks.get(name)
+            if layer is None and not masks:
+                layer = producing_conv(model, name)
+                if layer is not None:
+                    self._plain[layer] = name
+                    if not self.mask_pruner.tracks(layer) and _width(layer) == len(s):
+                        self.mask_pruner.follow(layer)
+            if layer is None:
                 raise PruningError(f"the analysis describes layer {name!r}, which the model does not have "
                                    f"(its masks: {sorted(masks)}); analyse this run's model.pt")
-            if masks[name].num_filters != len(s) and not self.mask_pruner.tracks(masks[name]):
+            if _width(layer) != len(s) and not self.mask_pruner.tracks(layer):
                 raise PruningError(f"the analysis has {len(s)} filters in {name!r} but the model has "
-                                   f"{masks[name].num_filters}: analyse this run's model.pt")
+                                   f"{_width(layer)}: analyse this run's model.pt")
 
     @torch.no_grad()
     def flagged(self, group) -> Tensor | None:
@@ -142,9 +197,12 @@ class ICNNImportance(tp.importance.Importance):
         best: Tensor | None = None
         for item in group:
             layer = item.dep.target.module
-            if not isinstance(layer, InterpretableMask):
+            if isinstance(layer, InterpretableMask):
+                scores = self.layer_scores.get(names.get(layer, ""))
+            elif layer in self._plain and item.dep.handler in _OUT:
+                scores = self.layer_scores[self._plain[layer]]
+            else:
                 continue
-            scores = self.layer_scores.get(names.get(layer, ""))
             if scores is None:
                 continue
             origin = self.mask_pruner.original_index(layer)

@@ -16,6 +16,7 @@ from icnn_compress.checkpoint import RunDir, atomic_write_text, save_model_file
 from icnn_compress.config import PruneConfig, Recipe, recipe_from_dict, recipe_to_dict
 from icnn_compress.data.recipe import open_split, relocate, task_object
 from icnn_compress.run_folder import check_output, locked
+from icnn_compress.surgery import PLAIN
 from icnn_compress.train import finetune, load_run_model, loader, resolve_device, validate
 
 from ._graph import prune_model
@@ -99,7 +100,9 @@ def prune_run(
     the value of the ``[prune]`` section of the run's recipe (stored in its ``model.pt``).
 
     Args:
-        run: an unpruned run directory (or model file) from ``icnn finetune`` / ``icnn pipeline``.
+        run: an unpruned run directory (or model file) from ``icnn finetune`` / ``icnn pipeline``, or a
+            :class:`~icnn_compress.plain_model.PlainCheckpoint` (a model no icnn run made; its analysis is
+            of ordinary layers, scored through the convs that produce them).
         analysis: the run's ``analysis.json`` (or its folder); required by the ``icnn*`` criteria.
         target_macs: MACs of the pruned model as a fraction of the run's model's, or ``"auto"``: remove exactly
             the filters the analysis flags (silent, and redundancy-cluster members other than the best; the
@@ -199,9 +202,12 @@ def prune_run(
             atomic_write_text(planned, json.dumps(history))
             rec = _recovery_recipe(data_recipe, saved, shares[-1], device)
             # The checks above decided this folder is this pruning's: a recovery that is not resumed starts afresh.
-            finetune(rec, out_dir.path, arm=saved.get("arm", "icnn"), resume=resume_recovery,
-                     force=not resume_recovery, progress=progress,
-                     model=model, architecture=saved["architecture"], extra={"pruning": history})
+            arm = saved.get("arm", "icnn")
+            # A plain model (a checkpoint no icnn run made) recovers as it is: no masks, no filter loss,
+            # which is the baseline arm's training; its model.pt still says "plain".
+            finetune(rec, out_dir.path, arm="baseline" if arm == PLAIN else arm, resume=resume_recovery,
+                     force=not resume_recovery, progress=progress, model=model, architecture=saved["architecture"],
+                     extra={"pruning": history, **({"arm": arm} if arm == PLAIN else {})})
             # Recovery chose on its validation split; the reported accuracy is the test split's, as above.
             acc_recovered = validate(model, test, dev, amp=False, channels_last=False)
         record = {
