@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import icnn_compress.data.cub
+import icnn_compress.data._samples
 from icnn_compress.data.cub import CubDataset
 from icnn_compress.data.recipe import open_split
 from icnn_compress.evaluate import evaluate, evaluate_run
@@ -208,13 +208,13 @@ def test_validation_split_is_seeded_stratified_and_disjoint_from_test(tiny_parts
 
 def test_training_never_reads_a_test_image(tiny_recipe, tiny_parts, tmp_path, monkeypatch):
     opened = []
-    real_open = icnn_compress.data.cub.open_image
+    real_open = icnn_compress.data._samples.open_image  # every reader opens its images there
 
     def recording_open(file, mode):
         opened.append(str(file))
         return real_open(file, mode)
 
-    monkeypatch.setattr(icnn_compress.data.cub, "open_image", recording_open)
+    monkeypatch.setattr(icnn_compress.data._samples, "open_image", recording_open)
     recipe = tiny_recipe("train.epochs=1")
     test_paths = {str(p) for p in open_split(recipe.data, "test", progress=False).image_paths}
     opened.clear()
