@@ -6,7 +6,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import DataConfig, ICNNConfig
+from ..config import IMAGENET_MEAN, IMAGENET_STD, DataConfig, ICNNConfig
 from ..errors import DatasetError
 from .cub import CubDataset
 from .fashion import generate_fashion_canvas
@@ -56,8 +56,9 @@ def open_split(cfg: DataConfig, split: str, *, progress: bool = True, single_obj
         split=split,
         image_size=cfg.image_size,
         crop_to_box=cfg.crop_to_box,
-        mean=cfg.mean,
-        std=cfg.std,
+        # unset: ImageNet's (a run fills in its model's own before it opens the data, see train.py)
+        mean=cfg.mean if cfg.mean is not None else list(IMAGENET_MEAN),
+        std=cfg.std if cfg.std is not None else list(IMAGENET_STD),
         landmarks=cfg.landmarks,
         limit=limit,
         val_fraction=cfg.val_fraction,

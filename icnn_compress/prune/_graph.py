@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import traceback
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -57,6 +60,71 @@ class _Pruner(tp.pruner.BasePruner):
         return max(current_channels - kept, 0)
 
 
+def _failing_layers(model: nn.Module, exc: BaseException) -> list[str]:
+    """The layers torch-pruning was working on when it raised ``exc``: the modules in its innermost frames'
+    dependency, node or group variables (named as in ``model``), innermost first."""
+    names = {m: n for n, m in model.named_modules()}
+    found: list[str] = []
+    tb = exc.__traceback__
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        if "torch_pruning" not in frame.f_code.co_filename:
+            continue
+        for key in ("dep", "node", "module", "layer", "group"):
+            value = frame.f_locals.get(key)
+            candidates = [value]
+            if key == "dep" and value is not None:
+                candidates = [getattr(value, "source", None), getattr(value, "target", None)]
+            if key == "group" and value is not None:
+                candidates = [getattr(d, "target", None) for d, _ in getattr(value, "items", lambda: [])()] \
+                    if hasattr(value, "items") else []
+            for c in candidates:
+                c = getattr(c, "module", c)
+                if isinstance(c, nn.Module) and c in names and names[c] and names[c] not in found:
+                    found.append(names[c])
+    return found
+
+
+def _suggest_ignore(model: nn.Module, layers: Sequence[str]) -> list[str]:
+    """Prunable layers (convs, Linears) among ``layers`` and, for the others, the conv whose name they extend."""
+    out: list[str] = []
+    modules = dict(model.named_modules())
+    for name in layers:
+        while name and not isinstance(modules.get(name), (nn.modules.conv._ConvNd, nn.Linear)):
+            name = name.rpartition(".")[0]
+            if name in modules and any(isinstance(m, nn.modules.conv._ConvNd) for m in modules[name].modules()):
+                name = next(f"{name}.{n}" if n else name for n, m in modules[name].named_modules()
+                            if isinstance(m, nn.modules.conv._ConvNd))
+        if name and name not in out:
+            out.append(name)
+    return out
+
+
+def _torch_pruning_failed(model: nn.Module, exc: Exception, what: str) -> PruningError:
+    layers = _failing_layers(model, exc)
+    ignore = _suggest_ignore(model, layers[:4])
+    where = f" at {', '.join(layers[:4])}" if layers else ""
+    hint = (f"; leave their channels unpruned: --set 'prune.ignore={json.dumps(ignore)}' (or pass "
+            f"ignored_layers={ignore})" if ignore else "; name the layers to leave unpruned in prune.ignore")
+    return PruningError(f"torch-pruning cannot {what} this model{where} ({type(exc).__name__}: {exc}){hint}")
+
+
+@contextlib.contextmanager
+def _explained(model: nn.Module, what: str):
+    """Turn an error from inside torch-pruning into a PruningError that names the layer and the way out."""
+    try:
+        yield
+    except PruningError:
+        raise
+    except Exception as exc:  # torch-pruning raises what its index arithmetic hits (ZeroDivisionError, IndexError)
+        if not any("torch_pruning" in f.filename for f in traceback.extract_tb(exc.__traceback__)):
+            raise
+        raise _torch_pruning_failed(model, exc, what) from exc
+
+
 def _graph_kwargs(mask_pruner: MaskPruner) -> dict[str, Any]:
     return {"customized_pruners": {InterpretableMask: mask_pruner}}
 
@@ -83,7 +151,7 @@ def prune_model(
     round_to: int | None = 8,
     floor: float = 0.25,
     steps: int = 32,
-    ignored_layers: Sequence[nn.Module] = (),
+    ignored_layers: Sequence[nn.Module | str] = (),
     before_step: Callable[[nn.Module], None] | None = None,
 ) -> dict[str, Any]:
     """Prune ``model`` in place until its MACs are at most ``target_macs`` × the original; return the history.
@@ -103,6 +171,7 @@ def prune_model(
         floor: no layer keeps fewer than this fraction of its channels, up to the rounding to
             ``round_to`` (which may round a layer down by less than ``round_to / 2``).
         before_step: called with the model before each step (e.g. a backward for Taylor importance).
+        ignored_layers: layers (modules or their names) whose output channels are kept (``prune.ignore``).
 
     Returns:
         A plain-data history (``weights_only``-loadable): ``format``, ``steps`` (torch-pruning's pruning
@@ -111,7 +180,8 @@ def prune_model(
         and ``kept`` ``{mask layer: [original index of each remaining filter]}``.
 
     Raises:
-        PruningError: the floor stops pruning before the MACs target is met.
+        PruningError: the floor stops pruning before the MACs target is met; or torch-pruning fails on the
+            model (the message names the layers it was at and suggests a ``prune.ignore`` list).
     """
     if not 0.0 < target_macs <= 1.0:
         raise PruningError(f"target_macs is a ratio of the original MACs in (0, 1], got {target_macs}")
@@ -123,8 +193,13 @@ def prune_model(
     model.eval()
     before_channels = _channels(model)
     base_macs, base_params = count_macs(model, example_inputs)
-    ignored = [classifier_layer(model), *ignored_layers]
-    with torch.enable_grad(), warnings.catch_warnings():
+    modules = dict(model.named_modules())
+    unknown = [n for n in ignored_layers if isinstance(n, str) and n not in modules]
+    if unknown:
+        raise PruningError(f"prune.ignore names {unknown}, which the model does not have; some of its layers: "
+                           f"{[n for n, m in modules.items() if isinstance(m, nn.modules.conv._ConvNd)][:8]}")
+    ignored = [classifier_layer(model), *(modules[n] if isinstance(n, str) else n for n in ignored_layers)]
+    with torch.enable_grad(), warnings.catch_warnings(), _explained(model, "trace"):
         warnings.filterwarnings("ignore", message=".*Unwrapped parameters.*")
         pruner = _Pruner(
             model,
@@ -142,7 +217,8 @@ def prune_model(
     for done in range(1, steps + 1):
         if before_step is not None:
             before_step(model)
-        pruner.step()
+        with _explained(model, "prune"):
+            pruner.step()
         macs, params = count_macs(model, example_inputs)
         log.info("pruning step %d/%d: MACs %.3f of the original", done, steps, macs / base_macs)
         if macs <= target_macs * base_macs:
