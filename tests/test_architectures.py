@@ -39,7 +39,7 @@ MODELS = [
     ("alexnet", 96), ("vgg11", 64), ("resnet18", 64), ("mobilenet_v2", 64),
     ("squeezenet1_1", 64), ("regnet_y_400mf", 64), ("googlenet", 64), ("resnext50_32x4d", 64),
     ("wide_resnet50_2", 64), ("mobilenet_v3_small", 64), ("efficientnet_b0", 64), ("densenet121", 64),
-    ("convnext_tiny", 64), ("mnasnet0_5", 64), ("inception_v3", 96), ("shufflenet_v2_x0_5", 64),
+    ("convnext_tiny", 64), ("mnasnet0_5", 64), ("inception_v3", 128), ("shufflenet_v2_x0_5", 64),
     ("efficientnet_v2_s", 64), ("regnet_x_400mf", 64),
     ("timm:resnet18", 64), ("timm:efficientnet_b0", 64), ("timm:mobilenetv3_small_050", 64),
     ("timm:convnext_nano", 64), ("timm:regnety_002", 64), ("timm:densenet121", 64),
@@ -47,7 +47,14 @@ MODELS = [
 ]
 
 # arch -> (stage, exception type, message regex, why): the outcomes the code states instead of a result.
-EXPECTED: dict[str, tuple[str, type[Exception], str, str]] = {}
+EXPECTED: dict[str, tuple[str, type[Exception], str, str]] = {
+    "shufflenet_v2_x0_5": (
+        "prune", PruningError,
+        r"^torch-pruning cannot trace this model at the layers feeding the op that failed, stage\d.*ZeroDivisionError",
+        "torch-pruning 1.6 cannot map channels through the channel shuffle's reshape (ZeroDivisionError building "
+        "its dependency graph); prune.ignore does not help, the error says so",
+    ),
+}
 
 
 def _images(n: int, size: int) -> torch.Tensor:
@@ -61,7 +68,7 @@ def _stages(arch: str, size: int, tmp_path) -> dict:
     try:
         return _run_stages(arch, size, tmp_path, done)
     except Exception as exc:
-        exc.done = done
+        exc.done = done  # the stages passed, for the report
         raise
 
 
@@ -93,9 +100,13 @@ def _run_stages(arch: str, size: int, tmp_path, done: dict) -> dict:
     assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        if not torch.isfinite(model(images)).all():
+            raise FloatingPointError(f"one SGD step at the piloted kappa ({pilot['kappa']:.3g}) left the model "
+                                     "non-finite")
     mark("finetune")
 
-    model.eval()
     loader = [{"image": images, "label": labels, "index": torch.arange(2)}]
     result = analyze(model, loader, classes=["a", "b", "c"], image_size=size, top_k=2, instability_top_k=2,
                      estimate_stride=1, architecture=layout)
@@ -133,13 +144,17 @@ def _report(arch: str, size: int, outcome: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,size", MODELS, ids=[a for a, _ in MODELS])
 def test_architecture_end_to_end(arch, size, tmp_path):
-    expected = EXPECTED.get(arch)
     began = time.perf_counter()
-    try:
+    expected = EXPECTED.get(arch)
+    if expected is None:
         done = _stages(arch, size, tmp_path)
-    except Exception as exc:
-        failed = next(s for s in STAGES if s not in getattr(exc, "done", {}))
-        _report(arch, size, {"error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - began})
-        raise
-    _report(arch, size, {"stages": done, "seconds": round(time.perf_counter() - began, 1)})
-    assert expected is None, f"{arch} passed every stage; remove it from EXPECTED"
+        _report(arch, size, {"stages": done, "seconds": round(time.perf_counter() - began, 1)})
+        return
+    stage, error, message, why = expected
+    with pytest.raises(error, match=message) as raised:
+        _stages(arch, size, tmp_path)
+    done = raised.value.done
+    failed = next(s for s in STAGES if s not in done)
+    _report(arch, size, {"stages": done, "failed": failed, "why": why, "error": str(raised.value)[:300],
+                         "seconds": round(time.perf_counter() - began, 1)})
+    assert failed == stage, f"{arch} failed at {failed}, not at {stage} as expected"

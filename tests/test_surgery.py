@@ -186,7 +186,8 @@ def test_a_stale_install_is_told_to_reinstall_for_icnn_compress_builders():
 
 def test_the_quickstart_builder_is_registered():
     entry_points = tomllib.loads(PYPROJECT.read_text())["project"]["entry-points"]
-    assert entry_points == {BUILDER_ENTRY_POINTS: {"small_cnn": "icnn_compress.zoo:small_cnn"}}
+    assert entry_points == {BUILDER_ENTRY_POINTS: {"small_cnn": "icnn_compress.zoo:small_cnn",
+                                                   "functional_cnn": "icnn_compress.zoo:functional_cnn"}}
 
 
 def test_found_top_layer_skips_shared_modules_and_a_convolutional_head():

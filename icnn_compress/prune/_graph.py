@@ -60,55 +60,66 @@ class _Pruner(tp.pruner.BasePruner):
         return max(current_channels - kept, 0)
 
 
-def _failing_layers(model: nn.Module, exc: BaseException) -> list[str]:
-    """The layers torch-pruning was working on when it raised ``exc``: the modules in its innermost frames'
-    dependency, node or group variables (named as in ``model``), innermost first."""
-    names = {m: n for n, m in model.named_modules()}
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def _nearest_layers(obj: Any, names: Mapping[nn.Module, str]) -> list[str]:
+    """Named convs / Linears that are ``obj`` (a module) or feed it (a torch-pruning graph node, searched
+    breadth-first through its inputs: the op that failed is often a reshape with no name of its own)."""
+    if isinstance(obj, nn.Module):
+        return [names[obj]] if isinstance(obj, _LAYERS) and obj in names else []
     found: list[str] = []
-    tb = exc.__traceback__
+    queue, seen = [obj], set()
+    while queue and len(seen) < 256:
+        node = queue.pop(0)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        module = getattr(node, "module", None)
+        if isinstance(module, _LAYERS) and module in names:
+            found.append(names[module])
+            continue
+        queue.extend(getattr(node, "inputs", ()))
+    return found
+
+
+def _failing_layers(model: nn.Module, exc: BaseException) -> list[str]:
+    """The layers torch-pruning was at when it raised ``exc``: from its innermost frame that holds a graph
+    node, dependency or layer, the named convs / Linears that are or feed that node."""
+    names = {m: n for n, m in model.named_modules() if n}
     frames = []
+    tb = exc.__traceback__
     while tb is not None:
         frames.append(tb.tb_frame)
         tb = tb.tb_next
     for frame in reversed(frames):
         if "torch_pruning" not in frame.f_code.co_filename:
             continue
-        for key in ("dep", "node", "module", "layer", "group"):
+        seeds: list[Any] = []
+        for key in ("dep", "n", "node", "module"):
             value = frame.f_locals.get(key)
-            candidates = [value]
             if key == "dep" and value is not None:
-                candidates = [getattr(value, "source", None), getattr(value, "target", None)]
-            if key == "group" and value is not None:
-                candidates = [getattr(d, "target", None) for d, _ in getattr(value, "items", lambda: [])()] \
-                    if hasattr(value, "items") else []
-            for c in candidates:
-                c = getattr(c, "module", c)
-                if isinstance(c, nn.Module) and c in names and names[c] and names[c] not in found:
-                    found.append(names[c])
-    return found
-
-
-def _suggest_ignore(model: nn.Module, layers: Sequence[str]) -> list[str]:
-    """Prunable layers (convs, Linears) among ``layers`` and, for the others, the conv whose name they extend."""
-    out: list[str] = []
-    modules = dict(model.named_modules())
-    for name in layers:
-        while name and not isinstance(modules.get(name), (nn.modules.conv._ConvNd, nn.Linear)):
-            name = name.rpartition(".")[0]
-            if name in modules and any(isinstance(m, nn.modules.conv._ConvNd) for m in modules[name].modules()):
-                name = next(f"{name}.{n}" if n else name for n, m in modules[name].named_modules()
-                            if isinstance(m, nn.modules.conv._ConvNd))
-        if name and name not in out:
-            out.append(name)
-    return out
+                seeds += [getattr(value, "source", None), getattr(value, "target", None)]
+            elif value is not None:
+                seeds.append(value)
+        found: list[str] = []
+        for seed in seeds:
+            found += [n for n in _nearest_layers(seed, names) if n not in found]
+        if found:
+            return found
+    return []
 
 
 def _torch_pruning_failed(model: nn.Module, exc: Exception, what: str) -> PruningError:
-    layers = _failing_layers(model, exc)
-    ignore = _suggest_ignore(model, layers[:4])
-    where = f" at {', '.join(layers[:4])}" if layers else ""
-    hint = (f"; leave their channels unpruned: --set 'prune.ignore={json.dumps(ignore)}' (or pass "
-            f"ignored_layers={ignore})" if ignore else "; name the layers to leave unpruned in prune.ignore")
+    ignore = _failing_layers(model, exc)[:8]
+    where = f" at the layers feeding the op that failed, {', '.join(ignore)}" if ignore else ""
+    if what == "trace":  # the graph is built before anything is ignored: prune.ignore cannot route around it
+        hint = ("; torch-pruning builds its dependency graph of the whole model before any layer is ignored, so "
+                "prune.ignore does not help: this model cannot be pruned with torch-pruning "
+                f"{tp.__version__} (export and analyse it unpruned)")
+    else:
+        hint = (f"; leave their channels unpruned: --set 'prune.ignore={json.dumps(ignore)}' (or pass "
+                f"ignored_layers={ignore})" if ignore else "; name the layers to leave unpruned in prune.ignore")
     return PruningError(f"torch-pruning cannot {what} this model{where} ({type(exc).__name__}: {exc}){hint}")
 
 
