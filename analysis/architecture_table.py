@@ -16,7 +16,7 @@ STAGES = ("surgery", "finetune", "analyze", "prune", "export")
 
 
 def table(rows: list[dict]) -> str:
-    head = "| model | px | top block found (maps masked) | surgery | fine-tune | analyze | prune 0.5 MACs | export parity | s |"
+    head = "| model | px | top block (masked there) | surgery | fine-tune | analyze | prune 0.5 MACs | export parity | s |"
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         done = r.get("stages", {})
