@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from icnn_compress.analyze import analyze, write_gallery
-from icnn_compress.export import export_onnx
+from icnn_compress.export import ParityError, export_onnx
 from icnn_compress.kappa import calibrate_kappa
 from icnn_compress.loss import FilterLoss
 from icnn_compress.prune import MaskPruner, load_filter_scores, make_importance, prune_model
@@ -40,10 +40,11 @@ MODELS = [
     ("squeezenet1_1", 64), ("regnet_y_400mf", 64), ("googlenet", 64), ("resnext50_32x4d", 64),
     ("wide_resnet50_2", 64), ("mobilenet_v3_small", 64), ("efficientnet_b0", 64), ("densenet121", 64),
     ("convnext_tiny", 64), ("mnasnet0_5", 64),
-    # at 96 px one SGD step at the piloted kappa (4.8e3 on random weights) left its maps NaN; not resolved yet
+    # at 96 px one SGD step at the piloted kappa (4.8e3 on random weights) left its maps NaN; at 128 px it passes
+    # fine-tune, analyze and prune, and ONNX Runtime then differs by 0.088 in the logits: not resolved yet
     pytest.param("inception_v3", 128, marks=pytest.mark.xfail(
-        raises=(FloatingPointError, RuntimeError), strict=False,
-        reason="one step at the piloted kappa leaves random-weight Inception-v3 non-finite (README, Architectures)")),
+        raises=(ParityError, FloatingPointError), strict=False,
+        reason="pruned Inception-v3 misses ONNX parity (0.088) at 128 px; non-finite after one step at 96 px")),
     ("shufflenet_v2_x0_5", 64),
     ("efficientnet_v2_s", 64), ("regnet_x_400mf", 64),
     ("timm:resnet18", 64), ("timm:efficientnet_b0", 64), ("timm:mobilenetv3_small_050", 64),
