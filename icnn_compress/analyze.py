@@ -574,8 +574,11 @@ def analyze(
         return hook
 
     for name, point in points.items():
-        # A mask's input and output are post-ReLU maps; the new conv's raw output is not.
-        analyzers[name].nonnegative = isinstance(modules[point.module], (InterpretableMask, nn.ReLU))
+        # A mask's input and output are post-ReLU maps; the new conv's raw output is not, nor is the input of a
+        # mask that rectifies its map (a GELU or BatchNorm output): both are measured as the mask sees them.
+        module = modules[point.module]
+        analyzers[name].nonnegative = isinstance(module, (InterpretableMask, nn.ReLU)) and not (
+            point.where == "input" and getattr(module, "rectify", False))
     handles = [modules[points[name].module].register_forward_hook(hook_for(name)) for name in layers]
     was_training = model.training
     model.to(device).eval()

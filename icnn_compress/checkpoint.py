@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 import urllib.error
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -290,13 +291,28 @@ def _strip_wrappers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _safetensors_load(path: Path) -> dict[str, Tensor]:
+    """A ``.safetensors`` file (how timm and the Hugging Face hub ship weights): tensors only, no code."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own SafetensorError for a bad header
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Return the state_dict in ``path`` on the CPU: a bare one or under "state_dict"/"model"/"model_state".
 
-    A DDP ``module.`` (or torch.compile ``_orig_mod.``) prefix is stripped. Loads with ``weights_only=True``.
+    A DDP ``module.`` (or torch.compile ``_orig_mod.``) prefix is stripped. Loads with ``weights_only=True``;
+    a ``.safetensors`` file (timm's, the Hugging Face hub's) through safetensors.
     """
     path = Path(path)
-    obj = _torch_load(path, "checkpoint")
+    obj = _safetensors_load(path) if path.suffix == ".safetensors" else _torch_load(path, "checkpoint")
     if isinstance(obj, Mapping) and not all(isinstance(v, Tensor) for v in obj.values()):
         for key in _STATE_DICT_KEYS:
             if isinstance(obj.get(key), Mapping):
@@ -389,7 +405,11 @@ def load_state_dict_checked(
             "this checkpoint was made for another architecture: check model.arch"
         )
     # Skipped and untracked keys keep the model's own values; everything else is checked above.
-    model.load_state_dict({**ours, **theirs}, strict=True)
+    merged = OrderedDict({**ours, **theirs})
+    # The modules' versions travel in the metadata of a state_dict(), which a saved plain dict has lost; some
+    # modules refuse to load without them (torchvision's MNASNet: "version should be set to 1 or 2").
+    merged._metadata = getattr(state_dict, "_metadata", None) or getattr(ours, "_metadata", None)
+    model.load_state_dict(merged, strict=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

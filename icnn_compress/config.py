@@ -115,8 +115,10 @@ class DataConfig:
     image_size: int = _at_least(1, 64)
     crop_to_box: bool = False
     hflip: bool = False  # random horizontal flips of training images (classes must be flip-invariant)
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    # per-channel normalisation; None: the model's own (its torchvision weights enum's or timm pretrained_cfg's
+    # transforms), else ImageNet's; resolved when a run starts and saved with its recipe
+    mean: list[float] | None = None
+    std: list[float] | None = None
     num_workers: int = _at_least(0, 0)
     limit_train: int | None = _at_least(1, None)
     limit_test: int | None = _at_least(1, None)
@@ -211,6 +213,8 @@ class PruneConfig:
     # remove, and the recover_epochs are shared out over the rounds (same budget as one-shot; needs
     # recover_epochs >= steps when steps > 1)
     steps: int = _at_least(1, 1)
+    # module names whose output channels are not pruned (layers torch-pruning cannot prune; the error names them)
+    ignore: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -357,10 +361,10 @@ def recipe_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> Recipe:
     recipe = _from_dict(Recipe, d, prefix="", source=source)
     data = recipe.data
     for key in ("mean", "std"):  # images are read as RGB: one value per channel
-        if len(getattr(data, key)) != 3:
+        if getattr(data, key) is not None and len(getattr(data, key)) != 3:
             raise RecipeError(f"{source}: 'data.{key}' needs 3 values (R, G, B; images are read as RGB), got "
                               f"{getattr(data, key)!r}")
-    if not all(0.0 < v < math.inf for v in data.std):
+    if data.std is not None and not all(0.0 < v < math.inf for v in data.std):
         raise RecipeError(f"{source}: 'data.std' must be finite and > 0 (it divides every pixel), got {data.std!r}")
     icnn = recipe.icnn
     if icnn.task == "single-category" and not icnn.object:

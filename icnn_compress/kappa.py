@@ -80,7 +80,8 @@ def calibrate_kappa(
                 loss_sum += float(loss.detach())
         model.zero_grad(set_to_none=True)
     keep = {k: v for k, v in model.state_dict().items() if k.endswith(("class_peak", "class_seen"))}
-    model.load_state_dict({**saved, **keep})
+    saved.update(keep)  # in place: the state_dict's metadata (module versions, which MNASNet requires) stays
+    model.load_state_dict(saved)
     ratios = {}
     for name, st in filter_loss.stats.items():
         if st.task_sq is not None and float(st.task_sq) > 0:

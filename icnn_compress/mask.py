@@ -183,6 +183,9 @@ class InterpretableMask(nn.Module):
         category_momentum: momentum of the exponential moving average of the per-class mean peak.
         beta_lr: the learned β's learning-rate multiplier (the released code's 0.05).
         beta_grad: the scale of β's pseudo-gradient ``−beta_grad·(target − β)`` (the code's 1e4).
+        rectify: the maps are not post-ReLU (GELU, SiLU, Hardswish, a BatchNorm output): mask ``relu(x)``,
+            which the filter loss then reads too. A post-ReLU map is its own rectified map; the baseline
+            still passes ``x`` through unchanged.
 
     The mask is computed without gradient (µ̂ is a constant), so backward is ``x.grad = g·m·[x∘m > 0]``.
     """
@@ -198,6 +201,7 @@ class InterpretableMask(nn.Module):
         category_momentum: float = 0.9,
         beta_lr: float = 0.05,
         beta_grad: float = 1e4,
+        rectify: bool = False,
     ) -> None:
         super().__init__()
         if peak not in PEAKS:
@@ -210,6 +214,7 @@ class InterpretableMask(nn.Module):
         self.category_momentum = category_momentum
         self.beta_lr = beta_lr
         self.beta_grad = beta_grad
+        self.rectify = rectify
         self.register_buffer("beta", torch.full((num_filters,), 2.0))
         # β's momentum buffer: the released code moves β through its momentum SGD (update_beta).
         self.register_buffer("beta_velocity", torch.zeros(num_filters))
@@ -262,17 +267,20 @@ class InterpretableMask(nn.Module):
             m = template_masks(rows, cols, self.grid_beta(x.shape[-2]).float(), x.shape[-2], x.shape[-1])
         return m.to(x.dtype)
 
-    def forward(self, x: Tensor) -> Tensor:  # x: (B, D, h, w), post-ReLU
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, D, h, w), post-ReLU unless rectify
         if not self.active and not self.hooked:
             return x
+        # The template is placed on, and the loss' gradient injected into, the rectified map: a signed map's
+        # negative cells would otherwise turn positive under a negative template value.
+        xr = torch.relu(x) if self.rectify else x
         # Compiled only when nothing traces this forward already (torch.compile of the model, torch.export,
         # the ONNX exporter's tracer): a tracer takes the plain function's ops.
         tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
         fn = compiled(masked_maps) if self.compiled and not tracing else masked_maps
-        out, m, rows, cols = fn(x, self.grid_beta(x.shape[-2]), self.peak, self.active)
+        out, m, rows, cols = fn(xr, self.grid_beta(x.shape[-2]), self.peak, self.active)
         if self.hooked:
-            self._run_hook(x, m, (rows, cols))
-        return out
+            self._run_hook(xr, m, (rows, cols))
+        return out if self.active else x
 
     @torch.compiler.disable
     def _run_hook(self, x: Tensor, m: Tensor, cells: tuple[Tensor, Tensor]) -> None:
@@ -318,5 +326,5 @@ class InterpretableMask(nn.Module):
         beta = self.beta_mode if self.beta_mode == "learned" else f"{self.beta_mode} (paper units)"
         return (
             f"{self.num_filters}, num_classes={self.num_classes}, peak={self.peak}, beta={beta}, "
-            f"active={self.active}"
+            f"active={self.active}" + (", rectify=True" if self.rectify else "")
         )

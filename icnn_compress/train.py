@@ -56,7 +56,7 @@ from .kappa import R_BANDS, R_COLLAPSE, CollapseGuard, calibrate_kappa
 from .loss import FilterLoss
 from .plain_model import PlainCheckpoint
 from .run_folder import check_same_run, claim_folder, locked
-from .surgery import PLAIN, build_base_model, build_model, make_interpretable
+from .surgery import PLAIN, build_base_model, build_model, make_interpretable, with_model_normalization
 
 __all__ = ["ARMS", "build_for_recipe", "calibrate", "finetune", "load_run_model", "pretrain", "resolve_device"]
 
@@ -519,6 +519,7 @@ def pretrain(recipe: Recipe, out: str | Path, *, resume: bool = False, force: bo
     :func:`finetune`, it keeps ``last.pt`` after each complete epoch; ``resume=True`` continues from it, and
     a folder holding another training is refused unless ``force`` replaces it.
     """
+    recipe = with_model_normalization(recipe)
     run = RunDir(Path(out))
     with _writing(run, "pretrain", _PLAIN_FILES, resume=resume, force=force, what="plain training"):
         return _pretrain(recipe, run, resume, force, progress)
@@ -560,6 +561,7 @@ def _pretrain(recipe: Recipe, run: RunDir, resume: bool, force: bool, progress: 
 
 def calibrate(recipe: Recipe, *, progress: bool = True) -> dict:
     """Run the κ pilot alone on the recipe's ICNN model (what ``kappa = "auto"`` does at the start)."""
+    recipe = with_model_normalization(recipe)
     setup = _setup(recipe, progress)
     model, architecture = build_for_recipe(recipe, arm="icnn", classes=setup.train_data.classes,
                                            image_size=recipe.data.image_size)
@@ -597,6 +599,7 @@ def finetune(
     """
     if arm not in ARMS:
         raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
+    recipe = with_model_normalization(recipe)
     run = RunDir(Path(out))
     with _writing(run, f"finetune {arm}", _RUN_FILES, resume=resume, force=force, what="run"):
         return _finetune(recipe, run, arm, resume, force, progress, model, architecture, extra)

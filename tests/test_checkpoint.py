@@ -332,3 +332,25 @@ def test_load_model_file_not_ours(tmp_path: Path) -> None:
         load_model_file(path)
     with pytest.raises(CheckpointError, match="model file not found"):
         load_model_file(tmp_path / "nope.pt")
+
+
+def test_read_state_dict_reads_safetensors(tmp_path: Path) -> None:
+    safetensors = pytest.importorskip("safetensors.torch")
+    model = nn.Linear(3, 2)
+    path = tmp_path / "model.safetensors"
+    safetensors.save_file(model.state_dict(), str(path))
+    loaded = read_state_dict(path)
+    assert loaded.keys() == model.state_dict().keys() and torch.equal(loaded["weight"], model.weight)
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=r"^cannot read checkpoint .*model.safetensors: "):
+        read_state_dict(path)
+
+
+def test_a_plain_state_dict_loads_into_a_model_that_needs_module_versions(tmp_path: Path) -> None:
+    # MNASNet refuses a state dict without its modules' versions ("version should be set to 1 or 2"), which
+    # a dict rebuilt from a model file's tensors no longer has
+    model = torchvision.models.mnasnet0_5(num_classes=3)
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = torchvision.models.mnasnet0_5(num_classes=3)
+    load_state_dict_checked(fresh, plain, source="plain")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), plain.values(), strict=True))

@@ -299,6 +299,18 @@ def test_unreachable_target_is_an_error():
                     importance=make_importance("l1", mask_pruner=pruner), target_macs=0.2, floor=0.8, steps=4)
 
 
+def test_ignored_layers_keep_their_channels_and_unknown_names_are_errors():
+    model, _ = _interpretable("small_cnn", 64)
+    pruner = MaskPruner()
+    imp = make_importance("l1", mask_pruner=pruner)
+    with pytest.raises(PruningError, match=r"prune.ignore names \['features.99'\], which the model does not have"):
+        prune_model(model, example_inputs=torch.zeros(1, 3, 64, 64), mask_pruner=pruner, importance=imp,
+                    ignored_layers=["features.99"])
+    history = prune_model(model, example_inputs=torch.zeros(1, 3, 64, 64), mask_pruner=pruner, importance=imp,
+                          target_macs=0.6, steps=4, ignored_layers=["features.0"])
+    assert history["channels"]["features.0"] == [32, 32] and history["channels"]["features.4"][1] < 64
+
+
 # --------------------------------------------------------------------------------------------------
 # target_macs = "auto" and iterative rounds
 

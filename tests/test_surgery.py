@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 import sys
 import tomllib
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from conftest import BUILDER
 
+from icnn_compress.config import recipe_from_dict
 from icnn_compress.errors import UntrustedCodeError
 from icnn_compress.loss import FilterLoss
 from icnn_compress.mask import InterpretableMask
@@ -19,7 +22,10 @@ from icnn_compress.surgery import (
     BUILDER_ENTRY_POINTS,
     build_base_model,
     build_model,
+    find_top_layer,
     make_interpretable,
+    model_normalization,
+    with_model_normalization,
 )
 
 SIZE = 96
@@ -39,7 +45,8 @@ def interpretable(arch: str, variant: str = "icnn", num_classes: int = 3):
     return model, record
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+# the fixed layouts; the families whose top block is found run in test_architectures.py
+@pytest.mark.parametrize("arch", sorted(n for n, spec in ARCHITECTURES.items() if spec.top_layer is not None))
 def test_registered_architecture_end_to_end(arch):
     model, record = interpretable(arch)
     masks = [m for m in model.modules() if isinstance(m, InterpretableMask)]
@@ -86,10 +93,17 @@ def test_baseline_variant_has_identical_modules_and_passes_maps_through():
     assert torch.equal(mask(x), x)
 
 
-def test_user_cnn_needs_its_top_layer_and_keeps_its_head():
+def test_user_cnn_top_block_is_found_and_its_head_kept(caplog):
     model = build_base_model("icnn_compress.zoo:small_cnn", num_classes=4)
-    with pytest.raises(ValueError, match="name its top conv block"):
-        make_interpretable(model, arch="icnn_compress.zoo:small_cnn", num_classes=4, image_size=SIZE)
+    head = model.head[-1]
+    with caplog.at_level("INFO", logger="icnn_compress.surgery"):
+        layout = make_interpretable(model, arch="icnn_compress.zoo:small_cnn", num_classes=4, image_size=64)
+    # features ends with features.14 (its last ReLU, 8x8): the container is the last module with that map
+    assert layout["top_layer"] == "features" and "rectify" not in layout
+    assert "model.top_layer not set: masking features (its output is 128x8x8 on 64 px images" in caplog.text
+    assert model.head[-1] is head
+
+    model = build_base_model("icnn_compress.zoo:small_cnn", num_classes=4)
     head = model.head[-1]
     layout = make_interpretable(
         model, arch="icnn_compress.zoo:small_cnn", num_classes=4, image_size=SIZE, top_layer="features.14"
@@ -172,4 +186,72 @@ def test_a_stale_install_is_told_to_reinstall_for_icnn_compress_builders():
 
 def test_the_quickstart_builder_is_registered():
     entry_points = tomllib.loads(PYPROJECT.read_text())["project"]["entry-points"]
-    assert entry_points == {BUILDER_ENTRY_POINTS: {"small_cnn": "icnn_compress.zoo:small_cnn"}}
+    assert entry_points == {BUILDER_ENTRY_POINTS: {"small_cnn": "icnn_compress.zoo:small_cnn",
+                                                   "functional_cnn": "icnn_compress.zoo:functional_cnn"}}
+
+
+def test_found_top_layer_skips_shared_modules_and_a_convolutional_head():
+    class Shared(nn.Module):  # one ReLU module called after both convs: wrapping it would mask both calls
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.act = nn.ReLU()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.act(self.conv2(self.act(self.conv1(x))))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    assert find_top_layer(Shared(), image_size=8) == "conv2"
+    # SqueezeNet's head is a 1x1 conv whose map is 13x13 at 224 px: the top block is the features before it
+    squeeze = build_base_model("squeezenet1_1", num_classes=3)
+    assert find_top_layer(squeeze, image_size=224) == "features"
+    with pytest.raises(ValueError, match="no module of the model outputs a map of at least 5x5 on 4x4 images: raise "
+                                         "data.image_size, or name the top conv block in model.top_layer"):
+        find_top_layer(Shared(), image_size=4)
+
+
+def test_a_signed_top_map_is_rectified_and_an_in_place_op_after_it_gets_a_copy():
+    net = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 8, 3, padding=1), bn=nn.BatchNorm2d(8),
+                                    act=nn.ReLU(inplace=True), pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(),
+                                    fc=nn.Linear(8, 3)))
+    layout = make_interpretable(net, arch="user:net", num_classes=3, image_size=8, top_layer="bn")
+    assert layout["rectify"] is True and net.bn.mask.rectify and not net.bn.new_mask.rectify
+    assert list(net.bn._modules) == ["inner", "mask", "conv", "relu", "new_mask", "copy"]
+    fl = FilterLoss(net)
+    labels = torch.tensor([0, 2])
+    with fl.batch(labels, kappa=1e-3, measure=True):  # the in-place ReLU after the top block
+        loss = torch.nn.functional.cross_entropy(net(torch.randn(2, 3, 8, 8)), labels)
+    loss.backward()
+    assert float(fl.stats["bn.mask"].task_sq) > 0 and float(fl.stats["bn.mask"].inj_sq) > 0
+
+
+def test_timm_models_build_by_name_and_rebuild_from_their_record():
+    pytest.importorskip("timm")
+    model, record = interpretable("timm:resnet18")
+    assert record["top_layer"] == "layer3" and model.fc.out_features == 3
+    rebuilt = build_model(record)
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), model.eval()(x))
+    with pytest.raises(ValueError, match=r"timm has no model 'resnet_18'.*close names"):
+        build_base_model("timm:resnet_18", num_classes=3)
+    with pytest.raises(ValueError, match="loads its weights from a local file: pass model.checkpoint"):
+        build_base_model("timm:resnet18", num_classes=3, weights="DEFAULT")
+
+
+def test_normalisation_comes_from_the_weights_enum_or_timm_pretrained_cfg():
+    assert model_normalization("resnet18") is None  # random weights: nothing to follow
+    tv = model_normalization("inception_v3", weights="IMAGENET1K_V1")
+    assert tv["mean"] == [0.485, 0.456, 0.406] and tv["input_size"] == 299
+    pytest.importorskip("timm")
+    inception = model_normalization("timm:inception_v3")
+    assert inception["mean"] == [0.5, 0.5, 0.5] and inception["std"] == [0.5, 0.5, 0.5]
+    recipe = with_model_normalization(recipe_from_dict({"model": {"arch": "timm:inception_v3"}}))
+    assert recipe.data.mean == [0.5, 0.5, 0.5]
+    given = with_model_normalization(recipe_from_dict({"model": {"arch": "timm:inception_v3"},
+                                                       "data": {"mean": [0.1, 0.2, 0.3]}}))
+    assert given.data.mean == [0.1, 0.2, 0.3] and given.data.std == [0.5, 0.5, 0.5]
+    plain = with_model_normalization(recipe_from_dict({"model": {"arch": "resnet18"}}))
+    assert plain.data.mean == [0.485, 0.456, 0.406] and plain.data.std == [0.229, 0.224, 0.225]

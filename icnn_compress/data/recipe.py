@@ -6,7 +6,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import DataConfig, ICNNConfig
+from ..config import IMAGENET_MEAN, IMAGENET_STD, DataConfig, ICNNConfig
 from ..errors import DatasetError
 from ._samples import LandmarkImages
 from .cub import CubDataset
@@ -71,14 +71,17 @@ def open_split(
     """
     root = ensure_dataset(cfg, progress=progress)
     limit = cfg.limit_train if split in ("train", "val") else cfg.limit_test
+    # unset: ImageNet's (a run fills in its model's own before it opens the data, see train.py)
+    mean = cfg.mean if cfg.mean is not None else list(IMAGENET_MEAN)
+    std = cfg.std if cfg.std is not None else list(IMAGENET_STD)
     if dataset_format(cfg) == "imagefolder":
         return ImageFolderDataset(
             root,
             split=split,
             image_size=cfg.image_size,
             crop_to_box=cfg.crop_to_box,
-            mean=cfg.mean,
-            std=cfg.std,
+            mean=mean,
+            std=std,
             landmarks=cfg.landmarks,
             keypoints=cfg.keypoints,
             limit=limit,
@@ -93,8 +96,8 @@ def open_split(
         split=split,
         image_size=cfg.image_size,
         crop_to_box=cfg.crop_to_box,
-        mean=cfg.mean,
-        std=cfg.std,
+        mean=mean,
+        std=std,
         landmarks=cfg.landmarks,
         limit=limit,
         val_fraction=cfg.val_fraction,

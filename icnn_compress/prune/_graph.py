@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import traceback
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -70,6 +73,82 @@ class _Pruner(tp.pruner.BasePruner):
         return max(current_channels - kept, 0)
 
 
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def _nearest_layers(obj: Any, names: Mapping[nn.Module, str]) -> list[str]:
+    """Named convs / Linears that are ``obj`` (a module) or feed it (a torch-pruning graph node, searched
+    breadth-first through its inputs: the op that failed is often a reshape with no name of its own)."""
+    if isinstance(obj, nn.Module):
+        return [names[obj]] if isinstance(obj, _LAYERS) and obj in names else []
+    found: list[str] = []
+    queue, seen = [obj], set()
+    while queue and len(seen) < 256:
+        node = queue.pop(0)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        module = getattr(node, "module", None)
+        if isinstance(module, _LAYERS) and module in names:
+            found.append(names[module])
+            continue
+        queue.extend(getattr(node, "inputs", ()))
+    return found
+
+
+def _failing_layers(model: nn.Module, exc: BaseException) -> list[str]:
+    """The layers torch-pruning was at when it raised ``exc``: from its innermost frame that holds a graph
+    node, dependency or layer, the named convs / Linears that are or feed that node."""
+    names = {m: n for n, m in model.named_modules() if n}
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        if "torch_pruning" not in frame.f_code.co_filename:
+            continue
+        seeds: list[Any] = []
+        for key in ("dep", "n", "node", "module"):
+            value = frame.f_locals.get(key)
+            if key == "dep" and value is not None:
+                seeds += [getattr(value, "source", None), getattr(value, "target", None)]
+            elif value is not None:
+                seeds.append(value)
+        found: list[str] = []
+        for seed in seeds:
+            found += [n for n in _nearest_layers(seed, names) if n not in found]
+        if found:
+            return found
+    return []
+
+
+def _torch_pruning_failed(model: nn.Module, exc: Exception, what: str) -> PruningError:
+    ignore = _failing_layers(model, exc)[:8]
+    where = f" at the layers feeding the op that failed, {', '.join(ignore)}" if ignore else ""
+    if what == "trace":  # the graph is built before anything is ignored: prune.ignore cannot route around it
+        hint = ("; torch-pruning builds its dependency graph of the whole model before any layer is ignored, so "
+                "prune.ignore does not help: this model cannot be pruned with torch-pruning "
+                f"{tp.__version__} (export and analyse it unpruned)")
+    else:
+        hint = (f"; leave their channels unpruned: --set 'prune.ignore={json.dumps(ignore)}' (or pass "
+                f"ignored_layers={ignore})" if ignore else "; name the layers to leave unpruned in prune.ignore")
+    return PruningError(f"torch-pruning cannot {what} this model{where} ({type(exc).__name__}: {exc}){hint}")
+
+
+@contextlib.contextmanager
+def _explained(model: nn.Module, what: str):
+    """Turn an error from inside torch-pruning into a PruningError that names the layer and the way out."""
+    try:
+        yield
+    except PruningError:
+        raise
+    except Exception as exc:  # torch-pruning raises what its index arithmetic hits (ZeroDivisionError, IndexError)
+        if not any("torch_pruning" in f.filename for f in traceback.extract_tb(exc.__traceback__)):
+            raise
+        raise _torch_pruning_failed(model, exc, what) from exc
+
+
 def _graph_kwargs(mask_pruner: MaskPruner) -> dict[str, Any]:
     return {"customized_pruners": {InterpretableMask: mask_pruner}}
 
@@ -108,7 +187,7 @@ def prune_model(
     floor: float = 0.25,
     steps: int = 32,
     rounds: int = 1,
-    ignored_layers: Sequence[nn.Module] = (),
+    ignored_layers: Sequence[nn.Module | str] = (),
     before_step: Callable[[nn.Module], None] | None = None,
     after_round: Callable[[nn.Module, int], None] | None = None,
 ) -> dict[str, Any]:
@@ -142,6 +221,7 @@ def prune_model(
         rounds: prune-and-recover rounds (the recipe's ``prune.steps``).
         before_step: called with the model before each step (e.g. a backward for Taylor importance).
         after_round: called with the model and the round number after each round but the last.
+        ignored_layers: layers (modules or their names) whose output channels are kept (``prune.ignore``).
 
     Returns:
         A plain-data history (``weights_only``-loadable): ``format``, ``steps`` (torch-pruning's pruning
@@ -154,7 +234,8 @@ def prune_model(
 
     Raises:
         PruningError: the floor stops pruning before the MACs target is met; ``"auto"`` without an
-            ICNNImportance or with several rounds.
+            ICNNImportance or with several rounds; or torch-pruning fails on the model (the message names
+            the layers it was at and suggests a ``prune.ignore`` list).
     """
     auto = target_macs == "auto"
     if auto:
@@ -175,8 +256,13 @@ def prune_model(
     model.eval()
     before_channels = _channels(model)
     base_macs, base_params = count_macs(model, example_inputs)
-    ignored = [classifier_layer(model), *ignored_layers]
-    with torch.enable_grad(), warnings.catch_warnings():
+    modules = dict(model.named_modules())
+    unknown = [n for n in ignored_layers if isinstance(n, str) and n not in modules]
+    if unknown:
+        raise PruningError(f"prune.ignore names {unknown}, which the model does not have; some of its layers: "
+                           f"{[n for n, m in modules.items() if isinstance(m, nn.modules.conv._ConvNd)][:8]}")
+    ignored = [classifier_layer(model), *(modules[n] if isinstance(n, str) else n for n in ignored_layers)]
+    with torch.enable_grad(), warnings.catch_warnings(), _explained(model, "trace"):
         warnings.filterwarnings("ignore", message=".*Unwrapped parameters.*")
         pruner = _Pruner(
             model,
@@ -198,7 +284,7 @@ def prune_model(
     if auto:
         origin_before = {names[m]: mask_pruner.original_index(m).tolist() for m in model.modules()
                          if isinstance(m, InterpretableMask)}
-        with torch.enable_grad():
+        with torch.enable_grad(), _explained(model, "prune"):
             _prune_flagged(pruner, importance)
         macs, params = count_macs(model, example_inputs)
         done = 1
@@ -214,7 +300,8 @@ def prune_model(
             if before_step is not None:
                 before_step(model)
             model.eval()
-            pruner.step()
+            with _explained(model, "prune"):
+                pruner.step()
             macs, params = count_macs(model, example_inputs)
             log.info("pruning step %d/%d (round %d/%d): MACs %.3f of the original", done, steps, k, len(targets),
                      macs / base_macs)

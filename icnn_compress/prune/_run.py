@@ -187,7 +187,8 @@ def prune_run(
         history = prune_model(model, example_inputs=torch.zeros(1, 3, size, size, device=dev), importance=importance,
                               mask_pruner=mask_pruner, target_macs=settings.target_macs,
                               round_to=settings.round_to, floor=settings.floor, steps=schedule_steps,
-                              rounds=rounds, before_step=before_step, after_round=recover_round)
+                              rounds=rounds, before_step=before_step, after_round=recover_round,
+                              ignored_layers=settings.ignore)
         history.update(criterion=settings.criterion, source=str(run), seed=seed,
                        analysis=str(analysis) if isinstance(analysis, (str, Path)) else None)
         acc_pruned = validate(model, test, dev, amp=False, channels_last=False)
