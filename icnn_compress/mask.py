@@ -16,12 +16,13 @@ from torch import Tensor, nn
 __all__ = [
     "InterpretableMask",
     "grid_coordinates",
+    "local_mass_cells",
     "paper_beta_to_grid",
     "peak_cells",
     "template_masks",
 ]
 
-PEAKS = ("centroid", "argmax")
+PEAKS = ("centroid", "argmax", "local-mass")
 
 
 def grid_coordinates(n: int, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -41,11 +42,17 @@ def peak_cells(x: Tensor, peak: str) -> tuple[Tensor, Tensor]:
 
     ``centroid`` is the released code's activation-weighted centroid, rounded half up; an all-zero map
     gives the first cell. ``argmax`` is the paper's µ̂ (ties: the first cell in row-major order).
+    ``local-mass`` is a remedy for the centroid's drift onto the object's centre (METHOD.md section 8):
+    the cell whose 3×3 neighbourhood holds the most activation, i.e. the strongest local bump of a
+    multi-bump map rather than the mean of the bumps, and less jumpy than a single-cell argmax
+    (:func:`local_mass_cells`).
     """
     b, d, h, w = x.shape
     if peak == "argmax":
         flat = x.reshape(b, d, h * w).argmax(dim=-1)
         return flat // w, flat % w
+    if peak == "local-mass":
+        return local_mass_cells(x)
     if peak != "centroid":
         raise ValueError(f"peak must be one of {PEAKS}, got {peak!r}")
     xf = x.float()
@@ -59,6 +66,21 @@ def peak_cells(x: Tensor, peak: str) -> tuple[Tensor, Tensor]:
     ri = torch.floor(torch.nan_to_num(ri, nan=0.0) + 0.5).clamp_(0, h - 1).long()
     ci = torch.floor(torch.nan_to_num(ci, nan=0.0) + 0.5).clamp_(0, w - 1).long()
     return ri, ci
+
+
+def local_mass_cells(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Return the (row, col) of each map's largest 3×3 neighbourhood sum (zero padding), each (B, D) long.
+
+    Equal sums go to the cell with the larger own value (a lone spike is its own peak, not the first of
+    the windows that contain it), then to the first cell in row-major order; an all-zero map gives the first cell.
+    """
+    b, d, h, w = x.shape
+    xf = x.float().reshape(b * d, 1, h, w)
+    # Sums over the 3×3 window (avg_pool with the padding counted, times 9), plus a small share of the
+    # centre cell that only decides between equal sums.
+    local = 9.0 * torch.nn.functional.avg_pool2d(xf, 3, stride=1, padding=1, count_include_pad=True) + 1e-3 * xf
+    flat = torch.nan_to_num(local, nan=0.0).reshape(b, d, h * w).argmax(dim=-1)
+    return flat // w, flat % w
 
 
 def template_masks(rows: Tensor, cols: Tensor, beta: Tensor, h: int, w: int) -> Tensor:
@@ -81,7 +103,8 @@ class InterpretableMask(nn.Module):
     Args:
         num_filters: channels D of the masked post-ReLU maps.
         num_classes: categories C the filters are assigned to (1 for single-category tasks).
-        peak: ``"centroid"`` (released code, default) or ``"argmax"`` (paper).
+        peak: ``"centroid"`` (released code, default), ``"argmax"`` (paper) or ``"local-mass"`` (the
+            largest 3×3 neighbourhood sum; :func:`local_mass_cells`).
         beta: ``"learned"`` (the code's per-filter update toward clip(3/σ̄, 1.5, 3), initialised to 2)
             or a fixed β in the paper's cell units (4 in the paper).
         active: ``False`` builds the baseline: the identical module that passes maps through unchanged

@@ -293,7 +293,8 @@ def _set_class_frequency(model: nn.Module, labels: Tensor, num_classes: int) -> 
 def _filter_loss(model: nn.Module, recipe: Recipe) -> FilterLoss:
     """The recipe's filter loss; a single-category task makes every filter the object's (label 1)."""
     single = 1 if task_object(recipe.icnn) else None
-    return FilterLoss(model, form=recipe.icnn.loss, a=recipe.icnn.a, guard=recipe.icnn.guard, single_category=single)
+    return FilterLoss(model, form=recipe.icnn.loss, a=recipe.icnn.a, guard=recipe.icnn.guard, single_category=single,
+                      crowding=recipe.icnn.crowding)
 
 
 def validate_filters(
