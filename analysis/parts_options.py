@@ -7,7 +7,7 @@ reported with accuracy, the instability ratio and the diversity measures beside 
 histogram, its normalised entropy, the share of landmarks tracked by >= 10 % of the filters, part IoU).
 
     python analysis/parts_options.py recipes/quickstart.toml --seeds 0 1 2 --out runs/q/options --workers 2
-        --set model.checkpoint=runs/q/plain/model.pth [--options released paper local-mass crowding]
+        --set model.checkpoint=runs/q/plain/model.pth [--options released paper local-mass crowding paper-crowding]
 
 The baseline does not depend on the options and runs once per seed (``<out>/baseline/``); a masks-only run
 depends only on the mask (``icnn.peak``, ``icnn.beta``: κ = 0 makes every loss-side option a no-op), so options
@@ -86,7 +86,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", type=Path)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS))
+    parser.add_argument("--options", nargs="+", choices=list(OPTIONS),
+                        default=["released", "paper", "local-mass", "crowding"])
     parser.add_argument("--arms", nargs="+", choices=("masks-only", "icnn"), default=["icnn", "masks-only"],
                         help="arms besides the baseline (masks-only last: the ICNN rows are what is judged)")
     parser.add_argument("--out", type=Path, default=Path("runs/parts-options"))
@@ -110,11 +111,12 @@ def main() -> None:
             return args.out / mask_folder(OPTIONS[option]), args.set + sets
         return args.out / option, args.set + sets
 
-    # The baselines first, then arm by arm: a study cut short still has whole ICNN rows.
+    # The baselines first, then arm by arm and seed by seed: a study cut short still compares every option
+    # on its first seeds.
     jobs: dict[tuple[Path, str, int], list[str]] = {}
     for arm in ["baseline", *args.arms]:
-        for option in args.options:
-            for seed in args.seeds:
+        for seed in args.seeds:
+            for option in args.options:
                 folder, sets = place(option, arm)
                 jobs.setdefault((folder, arm, seed), sets)
     with cf.ThreadPoolExecutor(args.workers) as pool:

@@ -41,6 +41,7 @@ __all__ = [
     "oracle_reference",
     "part_hits",
     "part_interpretability",
+    "part_scores",
     "random_peak_reference",
     "top_quantile_threshold",
 ]
@@ -480,8 +481,16 @@ def part_interpretability(hits: Tensor, present: Tensor, labels: Tensor, filter_
     else:
         own = labels.cpu()[:, None] == filter_category.cpu()[None, :]  # (N, D)
     eligible = own[:, :, None] & present[:, None, :]  # (N, D, K)
-    count = eligible.sum(0).double()
-    hit = (hits & eligible).sum(0).double()
+    return part_scores((hits & eligible).sum(0), eligible.sum(0))
+
+
+def part_scores(hit: Tensor, count: Tensor) -> PartInterpretability:
+    """Return the part interpretability from counts: ``hit`` ``(D, K)`` images where filter d counts on part k,
+    out of ``count`` ``(D, K)`` images of its category that contain the part (streaming callers sum these)."""
+    if hit.shape != count.shape or hit.dim() != 2:
+        raise ValueError(f"hit and count must both be (D, K), got {tuple(hit.shape)} and {tuple(count.shape)}")
+    d, k = hit.shape
+    hit, count = hit.double().cpu(), count.double().cpu()
     frac = torch.where(count > 0, hit / count.clamp(min=1), float("nan"))  # (D, K)
     filled = frac.nan_to_num(-1.0)
     best_value, best = filled.max(dim=1) if k else (torch.full((d,), -1.0, dtype=torch.float64),
