@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="held-out folder (as in arm_seeds.py)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a recipe key in every run")
+    parser.add_argument("--report", action="store_true",
+                        help="train and evaluate nothing: tabulate the cells already evaluated (a study cut short)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     recipe = load_recipe(args.recipe, args.set)
@@ -118,7 +120,8 @@ def main() -> None:
         for seed in args.seeds:
             for option in args.options:
                 folder, sets = place(option, arm)
-                jobs.setdefault((folder, arm, seed), sets)
+                if not args.report or (folder / f"{arm}-s{seed}" / "heldout.json").is_file():
+                    jobs.setdefault((folder, arm, seed), sets)
     with cf.ThreadPoolExecutor(args.workers) as pool:
         futures = {key: pool.submit(run_cell, args.recipe, key[0], key[1], key[2], sets, data)
                    for key, sets in jobs.items()}
