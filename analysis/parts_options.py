@@ -56,9 +56,9 @@ def combined_table(results: dict[str, dict]) -> str:
     """One row per option and arm: accuracy, paired gap, and per layer the instability ratio, entropy, coverage, part IoU."""
     first = next(iter(results.values()))
     layers = list(first["cells"][0]["layers"])
-    head = "| option | arm | acc % | Δ ± s.e. | " + " | ".join(
+    head = "| option | arm | seeds | acc % | Δ ± s.e. | " + " | ".join(
         f"{n}: instab. ratio | entropy | coverage | part IoU (Δ)" for n in layers) + " |"
-    lines = [head, "|---|---|---|---|" + "---|---|---|---|" * len(layers)]
+    lines = [head, "|---|---|---|---|---|" + "---|---|---|---|" * len(layers)]
     for option, res in results.items():
         for arm, s in res["summary"].items():
             if arm == "baseline" and option != next(iter(results)):
@@ -67,7 +67,8 @@ def combined_table(results: dict[str, dict]) -> str:
             row = [f"{s['instability_ratio'][n]:.2f} | {_fmt(s['landmark_entropy'][n], '.2f')} | "
                    f"{_fmt(s['landmark_coverage'][n], '.2f')} | {_fmt(s['part_interpretability'][n])}"
                    + ("" if arm == "baseline" else f" ({_fmt(s['part_gap'][n], '+.3f')})") for n in layers]
-            lines.append(f"| {'–' if arm == 'baseline' else option} | {arm} | {s['accuracy_mean']:.2f} | {gap} | "
+            lines.append(f"| {'–' if arm == 'baseline' else option} | {arm} | {len(s['seeds'])} | "
+                         f"{s['accuracy_mean']:.2f} | {gap} | "
                          + " | ".join(row) + " |")
     lines += ["", "Filters tracking each landmark, ICNN arm (mean over seeds):", ""]
     names = list(first["cells"][0]["layers"][layers[0]]["landmark_tracking"] or {})

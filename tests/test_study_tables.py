@@ -41,7 +41,7 @@ def test_tables_without_part_masks_or_older_records() -> None:
     assert summary["icnn"]["part_gap"]["new"] is None
     assert "| new | icnn | 90.00 | 0.0500 (0.50) | – | 0.50 | – (–) |" in arm_seeds.diversity_table(summary, ["new"])
     md = parts_options.combined_table({"released": {"cells": cells, "summary": summary}})
-    assert "| released | icnn | 90.00 | +0.00 ± nan | 0.50 | – | 0.50 | – (–) |" in md
+    assert "| released | icnn | 1 | 90.00 | +0.00 ± nan | 0.50 | – | 0.50 | – (–) |" in md
 
 
 def test_options_share_masks_only_runs_by_mask() -> None:
