@@ -350,7 +350,8 @@ class LandmarkDiversity:
     Attributes:
         counts: ``(K,)`` long, filters tracking each landmark (:attr:`InstabilityResult.tracked_landmark`).
         entropy: the histogram's entropy divided by ``log K``: 1 = the filters spread evenly over the
-            landmarks, 0 = all on one; NaN when no filter tracks any landmark (0 with a single landmark).
+            landmarks, 0 = all on one; NaN when no filter tracks any landmark (0 with a single landmark;
+            NaN, like ``coverage``, for data without landmarks, ``K = 0``).
         coverage: the fraction of the ``K`` landmarks tracked by at least ``min_fraction`` of the layer's
             ``D`` filters (every filter counts in ``D``, also one that tracks nothing).
         min_fraction: the share of filters that makes a landmark covered (0.1).
@@ -367,8 +368,8 @@ def landmark_diversity(tracked: Tensor, num_landmarks: int, *, min_fraction: flo
 
     ``tracked`` holds each filter's landmark index (``-1``: none, counted in ``D`` but in no bin).
     """
-    if num_landmarks < 1:
-        raise ValueError(f"num_landmarks must be at least 1, got {num_landmarks}")
+    if num_landmarks < 0:
+        raise ValueError(f"num_landmarks must be at least 0, got {num_landmarks}")
     if not 0 < min_fraction <= 1:
         raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction}")
     tracked = tracked.reshape(-1).long().cpu()

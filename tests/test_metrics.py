@@ -251,6 +251,8 @@ def test_landmark_diversity_extremes() -> None:
     assert metrics.landmark_diversity(tracked, 3).coverage == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="out of range"):
         metrics.landmark_diversity(torch.tensor([3]), 3)
+    empty = metrics.landmark_diversity(torch.tensor([-1, -1]), 0)  # data without landmarks
+    assert empty.counts.numel() == 0 and math.isnan(empty.entropy) and math.isnan(empty.coverage)
     with pytest.raises(ValueError, match="min_fraction"):
         metrics.landmark_diversity(torch.tensor([0]), 3, min_fraction=0.0)
 
