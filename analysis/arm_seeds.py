@@ -34,6 +34,11 @@ from icnn_compress.data.recipe import ensure_dataset
 
 log = logging.getLogger("arm_seeds")
 ARMS = ("baseline", "masks-only", "icnn")
+# What each cell keeps of a layer's evaluation: instability with its references, and how the filters spread
+# over the landmarks and parts (instability alone rewards filters that all sit on the object's centre).
+LAYER_KEYS = ("location_instability", "oracle_reference", "random_reference", "landmark_tracking", "landmark_entropy",
+              "landmark_coverage", "coverage_fraction", "part_interpretability", "part_interpretability_per_part",
+              "dropped_filters", "num_filters", "measured_at")
 
 
 def run_cell(recipe: Path, out: Path, arm: str, seed: int, sets: list[str], data: Path | None) -> dict:
@@ -54,9 +59,7 @@ def run_cell(recipe: Path, out: Path, arm: str, seed: int, sets: list[str], data
         "num_images": res["num_images"],
         "kappa0": res.get("kappa0"),
         "protocol": res.get("protocol"),
-        "layers": {name: {k: layer.get(k) for k in ("location_instability", "oracle_reference", "random_reference",
-                                                   "landmark_tracking", "dropped_filters", "num_filters",
-                                                   "measured_at")}
+        "layers": {name: {k: layer.get(k) for k in LAYER_KEYS}
                    for name, layer in res["layers"].items()},
     }
 
@@ -82,8 +85,28 @@ def summarise(cells: list[dict], arms: list[str]) -> dict:
             "gap_worst": gap["worst"],
             "instability_ratio": {n: statistics.fmean(r) for n, r in ratios.items()},
             "instability_ratio_max": {n: max(r) for n, r in ratios.items()},
+            **{key: {n: _mean([a["layers"][n].get(key) for a, _ in pairs]) for n in ratios}
+               for key in ("location_instability", "landmark_entropy", "landmark_coverage", "part_interpretability")},
+            # paired: this arm's part IoU minus the same seed's baseline's
+            "part_gap": {n: _mean([_diff(a["layers"][n].get("part_interpretability"),
+                                         b["layers"][n].get("part_interpretability")) for a, b in pairs])
+                         for n in ratios},
         }
     return out
+
+
+def _mean(values: list) -> float | None:
+    """Mean of the values that are not None (None when there are none)."""
+    kept = [v for v in values if v is not None]
+    return statistics.fmean(kept) if kept else None
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _fmt(v: float | None, spec: str = ".3f") -> str:
+    return "–" if v is None else format(v, spec)
 
 
 def table(cells: list[dict], summary: dict, arms: list[str]) -> str:
@@ -113,8 +136,23 @@ def table(cells: list[dict], summary: dict, arms: list[str]) -> str:
     lines += ["", f"References on {cells[0]['num_images']} images: oracle {ref['oracle_reference']:.4f}, "
                   f"random {ref['random_reference']:.4f}. Protocol `{cells[0].get('protocol')}`; measured at "
                   + ", ".join(f"{n}: {cells[0]['layers'][n]['measured_at']}" for n in layers) + "."]
-    lines += ["", tracking_table(cells, arms, layers)]
+    lines += ["", diversity_table(summary, layers), "", tracking_table(cells, arms, layers)]
     return "\n".join(lines) + "\n"
+
+
+def diversity_table(summary: dict, layers: list[str]) -> str:
+    """Per layer and arm, means over seeds: instability, its ratio, landmark entropy, coverage and part IoU."""
+    lines = ["| layer | arm | accuracy % | instability (× baseline) | landmark entropy | coverage ≥10 % | part IoU "
+             "(Δ vs baseline) |", "|---|---|---|---|---|---|---|"]
+    for layer in layers:
+        for arm, s in summary.items():
+            lines.append(
+                f"| {layer} | {arm} | {s['accuracy_mean']:.2f} | {_fmt(s['location_instability'][layer], '.4f')} "
+                f"({s['instability_ratio'][layer]:.2f}) | {_fmt(s['landmark_entropy'][layer], '.2f')} | "
+                f"{_fmt(s['landmark_coverage'][layer], '.2f')} | {_fmt(s['part_interpretability'][layer])}"
+                + ("" if arm == "baseline" else f" ({_fmt(s['part_gap'][layer], '+.3f')})") + " |")
+    return ("Diversity and parts (mean over seeds; entropy of the tracked-landmark histogram / log K; coverage: "
+            "share of landmarks tracked by ≥ 10 % of the filters; part IoU: METHOD.md §6):\n\n" + "\n".join(lines))
 
 
 def tracking_table(cells: list[dict], arms: list[str], layers: list[str]) -> str:

@@ -64,7 +64,10 @@ tensors under ``"matrices"`` and ``"top"``)::
                      "mean_mi_spatial_entropy", "mean_mis", "location_instability",
                      "instability_per_landmark": {name: v}, "part_interpretability",
                      "part_threshold_quantile", "category_histogram": {class: n},
-                     "landmark_tracking": {name: n}, "clusters": [{"members": [i, ...], "best": i}]
+                     "part_interpretability_per_part": {part: v} (mean over live filters),
+                     "landmark_tracking": {name: n}, "landmark_entropy", "landmark_coverage" (the histogram's
+                     entropy / log K and the share of landmarks tracked by >= 10 % of the filters),
+                     "clusters": [{"members": [i, ...], "best": i}]
                      (clusters of two or more), "num_redundant" (filters a pruner could drop: Σ (size − 1))}}},
      "filters": [{"layer", "filter", "category", "category_name", "activation_rate", "silent",
                   "mean_peak", "exclusivity", "inter_category_entropy", "mi_spatial_entropy",
@@ -95,9 +98,11 @@ from tqdm.auto import tqdm
 from icnn_compress.distributed import gather_objects, init_distributed, is_distributed, is_main, shard_indices
 from icnn_compress.metrics import (
     category_histogram,
+    landmark_diversity,
     landmark_histogram,
     location_instability,
     min_instability_classes,
+    part_scores,
 )
 from icnn_compress.protocol import (
     class_rule_for,
@@ -752,14 +757,13 @@ def _finish_layer(name: str, an: _LayerAnalyzer, geometry: LayerGeometry, *, cat
     part_score = torch.full((d,), nan, dtype=torch.float64)
     best_part = torch.full((d,), -1, dtype=torch.long)
     threshold = _top_quantile(st["cell_hist"][0], st["cell_hi"], settings["part_quantile"])
+    per_part = None
     if k_parts:
         cat_idx = category.clamp(min=0)
-        hits = st["part_hits"][cat_idx, torch.arange(d)]  # (D, K)
-        present = st["part_present"][cat_idx]  # (D, K)
-        frac = torch.where(present > 0, hits / present.clamp(min=1), torch.full_like(hits, nan))
-        part_score = frac.nan_to_num(-1.0).amax(1)
-        best_part = frac.nan_to_num(-1.0).argmax(1)
-        part_score = torch.where(part_score >= 0, part_score, torch.full_like(part_score, nan))
+        hits, present = st["part_hits"][cat_idx, torch.arange(d)], st["part_present"][cat_idx]  # (D, K) each
+        scored = part_scores(hits, present)
+        part_score, best_part = scored.per_filter, scored.best_part
+        per_part = part_scores(hits[~silent], present[~silent]).per_part  # the live filters, as the mean below
 
     names = list(landmark_names)
     records = []
@@ -811,13 +815,24 @@ def _finish_layer(name: str, an: _LayerAnalyzer, geometry: LayerGeometry, *, cat
         "part_interpretability": _nanmean(part_score[alive]) if k_parts else None,
         "part_threshold_quantile": settings["part_quantile"],
         "category_histogram": category_histogram(category, classes),
+        "part_interpretability_per_part": ({names[j] if j < len(names) else str(j): _finite(v)
+                                            for j, v in enumerate(per_part.tolist())} if per_part is not None else None),
         "landmark_tracking": landmark_histogram(tracked, names) if names else {},
+        **_spread(tracked, names),
         "clusters": [c for c in clusters if len(c["members"]) > 1],
         "num_redundant": sum(len(c["members"]) - 1 for c in clusters),
     }
     mats = {"peak_correlation": peak_corr, "map_correlation": map_corr, "order": torch.tensor(order, dtype=torch.long),
             "part_threshold": threshold}
     return summary, records, mats
+
+
+def _spread(tracked: Tensor, names: Sequence[str]) -> dict[str, float | None]:
+    """The tracked-landmark histogram's normalised entropy and 10 % coverage (metrics.landmark_diversity)."""
+    if not names:
+        return {"landmark_entropy": None, "landmark_coverage": None}
+    spread = landmark_diversity(tracked, len(names))
+    return {"landmark_entropy": _finite(spread.entropy), "landmark_coverage": _finite(spread.coverage)}
 
 
 def _pearson(s: Tensor, sq: Tensor, cross: Tensor, n: Tensor) -> Tensor:

@@ -79,8 +79,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_run(_model(args), data_root=args.data, split=args.split, protocol=args.protocol,
                           json_path=args.json, progress=not args.quiet, trust_code=args.trust_code)
-    print(json.dumps({k: result[k] for k in ("accuracy", "location_instability", "protocol", "split",
-                                             "num_images")}))
+    summary = {k: result[k] for k in ("accuracy", "location_instability", "protocol", "split", "num_images")}
+    # Instability alone rewards filters that all sit on the object's centre: the spread over the landmarks
+    # and the part IoU (data with part masks) are printed beside it, per layer.
+    summary["layers"] = {name: {k: layer.get(k) for k in ("location_instability", "landmark_tracking",
+                                                         "landmark_entropy", "landmark_coverage",
+                                                         "part_interpretability") if k in layer}
+                         for name, layer in result["layers"].items()}
+    print(json.dumps(summary))
     return 0
 
 

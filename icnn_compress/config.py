@@ -174,12 +174,16 @@ class PretrainConfig:
 class ICNNConfig:
     """The filter loss of Zhang, Wu, Zhu, "Interpretable Convolutional Neural Networks", CVPR 2018."""
 
-    peak: str = _choices("centroid", "argmax", default="centroid")  # released code | paper
+    # released code | paper | the largest 3x3 neighbourhood sum (a remedy for the drift onto the centre)
+    peak: str = _choices("centroid", "argmax", "local-mass", default="centroid")
     beta: str | float = _choices("learned", default="learned", number=_POSITIVE)  # or a fixed value, the paper's cells
     loss: str = _choices("reference", "mutual-information", default="reference")
     # or a number >= 0 (at epoch 1, divided by the epoch; a negative one would invert the loss)
     kappa: str | float = _choices("auto", default="auto", number=_NON_NEGATIVE)
     a: float = 0.5
+    # crowding penalty (loss.crowding_gradient): on images of its category, a filter is pushed down where the
+    # templates of the other filters of its category sit, at this multiple of kappa; 0: the method as published
+    crowding: float = _at_least(0.0, 0.0)
     guard: bool = False
     category_momentum: float = 0.9
     pilot_batches: int = _at_least(0, 8)

@@ -1,4 +1,5 @@
-"""One evaluation pass: accuracy, and per layer the location instability with its two references.
+"""One evaluation pass: accuracy, and per layer the location instability with its two references, the
+spread of the filters over the landmarks and, on data with part masks, the part interpretability.
 
 The measures are those of Zhang, Wu, Zhu, "Interpretable Convolutional Neural Networks" (CVPR 2018,
 https://arxiv.org/abs/1710.00935), section 4.2; METHOD.md sections 6 and 8 give the exact rules.
@@ -20,11 +21,15 @@ from tqdm.auto import tqdm
 from icnn_compress.metrics import (
     accuracy,
     category_histogram,
+    landmark_diversity,
     landmark_histogram,
     location_instability,
     min_instability_classes,
     oracle_reference,
+    part_hits,
+    part_interpretability,
     random_peak_reference,
+    top_quantile_threshold,
 )
 from icnn_compress.protocol import drops_sparse, fixed_classes, measure_points, read_map, released_classes
 from icnn_compress.errors import ModelError
@@ -50,6 +55,10 @@ def evaluate(
     single_category: int | None = None,
     device: str | torch.device = "cpu",
     top_k: int = 100,
+    parts: bool = True,
+    part_quantile: float = 0.005,
+    iou_threshold: float = 0.2,
+    coverage_fraction: float = 0.1,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Return accuracy and, for each layer in ``layers``, the location instability, as a JSON-ready dict.
@@ -82,13 +91,19 @@ def evaluate(
             is measured on the object's images.
         device: where the forward pass runs.
         top_k: images per (filter, landmark), 100 in the paper.
+        parts: when batches carry ``part_masks`` ``(B, K, S, S)`` (mask k of landmark k), also measure the
+            part interpretability (METHOD.md section 6) on the same maps, clamped at 0. Its threshold is a
+            quantile over all images, so these maps are kept (float16, ``N × D × h × w`` per layer).
+        part_quantile, iou_threshold: METHOD.md section 6 (0.5 %, 0.2).
+        coverage_fraction: a landmark is covered when at least this share of the filters tracks it.
         progress: show a tqdm bar.
 
     Returns:
         ``{"accuracy", "location_instability", "num_images", "protocol", "landmarks", "layers": {name:
         {"location_instability", "random_reference", "oracle_reference", "num_filters", "dropped_filters",
-        "measured_at", "class_rule", "landmark_tracking", "category_histogram" and "filter_category" (with
-        classes), "per_filter", "geometry"}}}``. Undefined values (NaN: e.g. no visible landmark) are ``None`` so
+        "measured_at", "class_rule", "landmark_tracking", "landmark_entropy", "landmark_coverage",
+        "coverage_fraction", "category_histogram" and "filter_category" (with classes), "part_interpretability"
+        and "part_interpretability_per_part" ({part: v}) (data with part masks), "per_filter", "geometry"}}}``. Undefined values (NaN: e.g. no visible landmark) are ``None`` so
         that the dict is strict JSON.
     """
     if not layers:
@@ -107,6 +122,10 @@ def evaluate(
     geometry = {name: layer_geometry(model, p.module, image_size=image_size) for name, p in points.items()}
 
     peaks: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
+    stored: dict[str, list[Tensor]] = {name: [] for name in layers}  # (B, D, P) maps, for the part IoU
+    fractions: dict[str, list[Tensor]] = {name: [] for name in layers}  # (B, K, P) part share of each cell
+    current: dict[str, Tensor | None] = {}
+    presence: list[Tensor] = []
     map_size: dict[str, tuple[int, int]] = {}
 
     def collector(name: str):
@@ -121,6 +140,11 @@ def evaluate(
             idx = torch.stack((flat // w, flat % w), dim=-1)  # (B, D, 2) as (row, col)
             xy = geometry[name].cell_centres(idx.float())  # (B, D, 2) as (x, y)
             peaks[name].append((value.float().cpu(), xy.cpu()))
+            if current.get("part_masks") is not None:
+                # What the following ReLU passes (a raw conv output can be negative); float16 halves the copy.
+                stored[name].append(x.reshape(b, d, h * w).clamp(min=0).half().cpu())
+                pooled = torch.nn.functional.adaptive_avg_pool2d(current["part_masks"], (h, w))  # (B, K, h, w)
+                fractions[name].append(pooled.flatten(2).half().cpu())
         return hook
 
     handles = [modules[points[name].module].register_forward_hook(collector(name)) for name in layers]
@@ -130,6 +154,11 @@ def evaluate(
     try:
         with torch.inference_mode():
             for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+                masks = batch.get("part_masks") if parts else None
+                if masks is not None:
+                    masks = torch.as_tensor(masks).to(device).float()
+                    presence.append(masks.flatten(2).amax(-1).bool().cpu())  # (B, K)
+                current["part_masks"] = masks
                 logits = model(batch["image"].to(device, non_blocking=True))
                 if isinstance(logits, (tuple, list)):
                     logits = logits[0]
@@ -174,6 +203,7 @@ def evaluate(
         reference = dict(geometry=geometry[name], map_size=map_size[name], image_diagonal=diagonal,
                          top_k=top_k, labels=ref_labels, drop_sparse=drop)
         per_filter = measured.per_filter
+        spread = landmark_diversity(measured.tracked_landmark, len(landmark_names), min_fraction=coverage_fraction)
         entry: dict[str, Any] = {
             "location_instability": _finite(measured.mean),
             "random_reference": _finite(random_peak_reference(ref_lm, ref_vis, **reference).mean),
@@ -183,7 +213,20 @@ def evaluate(
             "measured_at": points[name].describe(),
             "class_rule": rule,
             "landmark_tracking": landmark_histogram(measured.tracked_landmark, landmark_names),
+            "landmark_entropy": _finite(spread.entropy),
+            "landmark_coverage": _finite(spread.coverage),
+            "coverage_fraction": coverage_fraction,
         }
+        if stored[name]:
+            maps = torch.cat(stored[name])  # (N, D, P)
+            threshold = top_quantile_threshold(maps, part_quantile)
+            frac = torch.cat(fractions[name])
+            hits = torch.cat([part_hits(maps[s:s + 256], threshold, frac[s:s + 256], iou_threshold=iou_threshold)
+                              for s in range(0, maps.shape[0], 256)])  # (N, D, K), in chunks of float32 maps
+            scored = part_interpretability(hits, torch.cat(presence), label, categories)
+            entry["part_interpretability"] = _finite(scored.mean)
+            entry["part_interpretability_per_part"] = {
+                n: _finite(v) for n, v in zip(landmark_names, scored.per_part.tolist())}
         if categories is not None:
             entry["category_histogram"] = category_histogram(categories, classes)
             entry["filter_category"] = [int(c) for c in categories.tolist()]

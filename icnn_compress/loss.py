@@ -27,6 +27,7 @@ __all__ = [
     "LayerStats",
     "StepResult",
     "class_weights",
+    "crowding_gradient",
     "mutual_information_loss",
     "filter_loss_step",
     "injected_gradient",
@@ -140,6 +141,35 @@ def reference_gradient(
     coef_pos, coef_neg, neg_mi = reference_coefficients(x, m, positive, w_pos=w_pos, w_neg=w_neg, kappa=kappa, a=a,
                                                         guard=guard)
     return injected_gradient(coef_pos, coef_neg, m, x.dtype), neg_mi
+
+
+def crowding_gradient(
+    m: Tensor, positive: Tensor, category: Tensor, *, num_classes: int, w_pos: Tensor, kappa: float, weight: float
+) -> Tensor:
+    """Return the crowding penalty's gradient for ∂L/∂x, (B, D, h, w): filters of one category kept apart.
+
+    A remedy for METHOD.md section 8's drift (with the centroid µ̂ most filters of a category end on the
+    object's centre as near-copies). The penalty is ``κ·weight·Σ_b Σ_d w⁺_d·[b of d's category]·
+    ⟨x_bd, O_bd⟩ / B`` with ``O_bd`` the mean positive template ``relu(m)`` of the OTHER filters of d's
+    category on image b (0 for a filter alone in its category). Its gradient pushes a filter down where
+    its category's other filters already peak, so that on a crowded spot the reference gradient's pull
+    toward the filter's own template is cancelled and a filter on a part nobody else covers keeps it.
+    Like the reference gradient it is injected, per image divided by B; with ``weight = 0`` it is zero.
+
+    Args:
+        m: the masks (peak value 1), (B, D, h, w). positive: (B, D) bool, image b is of d's category.
+        category: (D,) long filter categories. num_classes: C. w_pos: (D,) the weights w⁺.
+        kappa: this epoch's κ. weight: the penalty's multiple of κ (``icnn.crowding``).
+    """
+    b = m.shape[0]
+    work = torch.promote_types(m.dtype, torch.float32)
+    occupied = torch.relu(m.detach().to(work)) * positive.to(work)[..., None, None]  # (B, D, h, w)
+    onehot = nn.functional.one_hot(category.long(), num_classes).to(work)  # (D, C)
+    per_class = torch.einsum("bdhw,dc->bchw", occupied, onehot)  # (B, C, h, w)
+    others = per_class[:, category] - occupied  # (B, D, h, w): the other filters of d's category
+    count = (onehot.sum(dim=0)[category] - 1).clamp(min=1)  # (D,)
+    coef = kappa * weight * w_pos.to(work) / (count * b)  # (D,)
+    return (others * coef[None, :, None, None] * positive.to(work)[..., None, None]).to(m.dtype)
 
 
 def _template_kernels(beta: Tensor, h: int, w: int) -> Tensor:
@@ -359,6 +389,7 @@ class FilterLoss:
         guard: bool = False,
         single_category: int | None = None,
         compile: bool = False,
+        crowding: float = 0.0,
     ) -> None:
         if form not in FORMS:
             raise ValueError(f"loss form must be one of {FORMS}, got {form!r}")
@@ -369,6 +400,9 @@ class FilterLoss:
         self.a = a
         self.guard = guard
         self.single_category = single_category
+        if not crowding >= 0:
+            raise ValueError(f"crowding must be a number >= 0 (a multiple of kappa), got {crowding!r}")
+        self.crowding = crowding
         self.stats: dict[str, LayerStats] = {n: LayerStats() for n in self.masks}
         self._losses: list[Tensor] = []
         self.compile = compile
@@ -453,6 +487,12 @@ class FilterLoss:
         if self.form == "reference":
             stats.add("neg_mi", out.neg_mi.mean().float())
             stats.batches += 1
+            if self.crowding > 0:  # the penalty needs the full map-sized gradient: the unfused injection
+                grad = injected_gradient(out.coef_pos, out.coef_neg, m, x.dtype) + crowding_gradient(
+                    m, out.positive, mask.category, num_classes=mask.num_classes, w_pos=out.w_pos, kappa=strength,
+                    weight=self.crowding).to(x.dtype)
+                x.register_hook(self._measuring_hook(stats, grad, apply=not measure))
+                return
             x.register_hook(self._injecting_hook(stats, out.coef_pos, out.coef_neg, m, apply=not measure))
             return
         rows, cols = cells
@@ -462,6 +502,9 @@ class FilterLoss:
         stats.add("neg_mi", per_filter.detach().mean())
         stats.batches += 1
         total = strength * per_filter.sum()
+        if self.crowding > 0:  # the same penalty as an autograd term: its gradient is crowding_gradient
+            total = total + (x * crowding_gradient(m, out.positive, mask.category, num_classes=mask.num_classes,
+                                                   w_pos=out.w_pos, kappa=strength, weight=self.crowding)).sum()
         if measure:
             (grad,) = torch.autograd.grad(total, x, retain_graph=True)
             x.register_hook(self._measuring_hook(stats, grad, apply=False))

@@ -18,6 +18,7 @@ __all__ = [
     "PEAK_RULES",
     "grid_coordinates",
     "masked_maps",
+    "local_mass_cells",
     "paper_beta_to_grid",
     "peak_cells",
     "template_masks",
@@ -59,12 +60,28 @@ def _centroid_cells(x: Tensor) -> tuple[Tensor, Tensor]:
     return ri, ci
 
 
+def local_mass_cells(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Return the (row, col) of each map's largest 3×3 neighbourhood sum (zero padding), each (B, D) long.
+
+    Equal sums go to the cell with the larger own value (a lone spike is its own peak, not the first of
+    the windows that contain it), then to the first cell in row-major order; an all-zero map gives the first cell.
+    """
+    b, d, h, w = x.shape
+    xf = x.float().reshape(b * d, 1, h, w)
+    # Sums over the 3×3 window (avg_pool with the padding counted, times 9), plus a small share of the
+    # centre cell that only decides between equal sums.
+    local = 9.0 * torch.nn.functional.avg_pool2d(xf, 3, stride=1, padding=1, count_include_pad=True) + 1e-3 * xf
+    flat = torch.nan_to_num(local, nan=0.0).reshape(b, d, h * w).argmax(dim=-1)
+    return flat // w, flat % w
+
+
 # Peak rules µ̂ by the name ``icnn.peak`` gives them: each maps (B, D, h, w) maps to their (row, col) cells,
 # each (B, D) long, with tensor ops only (no host sync, no data-dependent Python branch), so that the fused
 # mask function (masked_maps) compiles with any of them. A new rule is one more entry here.
 PEAK_RULES: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
     "centroid": _centroid_cells,
     "argmax": _argmax_cells,
+    "local-mass": local_mass_cells,
 }
 PEAKS = tuple(PEAK_RULES)
 
@@ -74,6 +91,10 @@ def peak_cells(x: Tensor, peak: str) -> tuple[Tensor, Tensor]:
 
     ``centroid`` is the released code's activation-weighted centroid, rounded half up; an all-zero map
     gives the first cell. ``argmax`` is the paper's µ̂ (ties: the first cell in row-major order).
+    ``local-mass`` is a remedy for the centroid's drift onto the object's centre (METHOD.md section 8):
+    the cell whose 3×3 neighbourhood holds the most activation, i.e. the strongest local bump of a
+    multi-bump map rather than the mean of the bumps, and less jumpy than a single-cell argmax
+    (:func:`local_mass_cells`).
     """
     rule = PEAK_RULES.get(peak)
     if rule is None:
@@ -175,7 +196,8 @@ class InterpretableMask(nn.Module):
     Args:
         num_filters: channels D of the masked post-ReLU maps.
         num_classes: categories C the filters are assigned to (1 for single-category tasks).
-        peak: ``"centroid"`` (released code, default) or ``"argmax"`` (paper).
+        peak: ``"centroid"`` (released code, default), ``"argmax"`` (paper) or ``"local-mass"`` (the
+            largest 3×3 neighbourhood sum; :func:`local_mass_cells`).
         beta: ``"learned"`` (the code's per-filter update toward clip(3/σ̄, 1.5, 3), initialised to 2)
             or a fixed β in the paper's cell units (4 in the paper).
         active: ``False`` builds the baseline: the identical module that passes maps through unchanged

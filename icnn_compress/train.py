@@ -301,7 +301,7 @@ def _filter_loss(model: nn.Module, recipe: Recipe) -> FilterLoss:
     """
     single = 1 if task_object(recipe.icnn) else None
     return FilterLoss(model, form=recipe.icnn.loss, a=recipe.icnn.a, guard=recipe.icnn.guard, single_category=single,
-                      compile=recipe.train.compile or recipe.train.cuda_graphs)
+                      compile=recipe.train.compile or recipe.train.cuda_graphs, crowding=recipe.icnn.crowding)
 
 
 def validate_filters(

@@ -75,6 +75,8 @@ def test_finetune_and_evaluate_through_the_command(capsys, tmp_path, tiny_parts,
                            "--json", str(tmp_path / "e.json"))
     assert code == 0
     assert json.loads(printed)["num_images"] == 32
+    layer = next(iter(json.loads(printed)["layers"].values()))  # the generated parts carry part masks
+    assert {"landmark_entropy", "landmark_coverage", "part_interpretability"} <= set(layer)
     assert json.loads((tmp_path / "e.json").read_text())["arm"] == "masks-only"
 
 

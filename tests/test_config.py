@@ -151,7 +151,7 @@ def test_wrong_type(tmp_path: Path, text: str, message: str) -> None:
     [
         ('[train]\noptimizer = "adam"\n', r"'train.optimizer' must be one of 'sgd', 'adamw', got 'adam'"),
         ('[train]\nschedule = "step"\n', r"'train.schedule' must be one of 'constant', 'cosine', 'paper'"),
-        ('[icnn]\npeak = "max"\n', r"'icnn.peak' must be one of 'centroid', 'argmax', got 'max'"),
+        ('[icnn]\npeak = "max"\n', r"'icnn.peak' must be one of 'centroid', 'argmax', 'local-mass', got 'max'"),
         ('[icnn]\nloss = "mi"\n', r"'icnn.loss' must be one of 'reference', 'mutual-information', got 'mi'"),
         ('[icnn]\nkappa = "big"\n', r"'icnn.kappa' must be one of 'auto' or a number, got 'big'"),
         ('[icnn]\nbeta = "fixed"\n', r"'icnn.beta' must be one of 'learned' or a number, got 'fixed'"),
@@ -175,6 +175,7 @@ def test_wrong_type(tmp_path: Path, text: str, message: str) -> None:
         ("[pretrain]\nlr_end = nan\n", r"'pretrain.lr_end' must be in \[0, inf\), got nan"),
         ("[icnn]\nkappa = -1\n", r"'icnn.kappa' must be in \[0, inf\), got -1.0"),
         ("[icnn]\nbeta = -2\n", r"'icnn.beta' must be in \(0, inf\), got -2.0"),
+        ("[icnn]\ncrowding = -1\n", r"'icnn.crowding' must be >= 0"),
         ("[data]\nmean = [0.5, 0.5]\n", r"'data.mean' needs 3 values \(R, G, B; images are read as RGB\)"),
         ("[data]\nstd = [0.2, 0.0, 0.2]\n", r"'data.std' must be finite and > 0"),
     ],

@@ -174,3 +174,25 @@ def test_a_folder_of_other_classes_is_refused_with_a_hint(tiny_recipe, tmp_path,
         evaluate_run(tmp_path / "run", data_root=other, device="cpu")
     assert main(["evaluate", str(tmp_path / "run"), "--data", str(other)]) == 2
     assert "pass the dataset the run was trained on" in capsys.readouterr().err
+
+
+def test_diversity_and_part_interpretability_exact() -> None:
+    batches = _loader()
+    for batch in batches:
+        n = batch["image"].shape[0]
+        masks = torch.zeros(n, 2, S, S, dtype=torch.bool)  # the tail's mask is empty on every image
+        for j, i in enumerate(batch["index"].tolist()):
+            r, c = HEAD_PIXELS[i]
+            masks[j, 0, r, c] = True  # the head is the one pixel channel 0 lights
+        batch["part_masks"] = masks
+    args = dict(layers=["1"], classes=CLASSES, landmark_names=LANDMARKS, image_size=S)
+    layer = evaluate(_model(), batches, **args)["layers"]["1"]
+    # Both filters track the head (the tail is never visible): one landmark of two covered, entropy 0.
+    assert layer["landmark_entropy"] == 0.0 and layer["landmark_coverage"] == 0.5
+    assert layer["coverage_fraction"] == 0.1
+    # Top 0.5 % of 4 x 64 cells = the 2nd largest value: filter 0's regions are its peaks 2 and 3 (images 0
+    # and 2), each exactly the head pixel (IoU 1); filter 1's are pixel (1, 1) on images 1 and 3, off the head.
+    assert layer["part_interpretability"] == 0.25
+    assert layer["part_interpretability_per_part"] == {"head": 0.25, "tail": None}
+    plain = evaluate(_model(), batches, parts=False, **args)["layers"]["1"]
+    assert "part_interpretability" not in plain

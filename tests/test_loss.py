@@ -273,3 +273,55 @@ def test_compiled_filter_loss_agrees_with_eager_and_compiles_once(peak):
                               rtol=1e-4), key
     models[1].eval()
     assert torch.allclose(models[1](x), models[0].eval()(x), rtol=1e-5, atol=1e-6)  # the compiled mask in eval
+
+
+def test_crowding_gradient_hand_computed():
+    from icnn_compress.loss import crowding_gradient
+
+    m = torch.tensor([[[[1.0, -1.0], [0.5, 0.0]],
+                       [[0.0, 1.0], [-1.0, 0.5]],
+                       [[1.0, 1.0], [1.0, 1.0]]]])  # (B=1, D=3, 2, 2)
+    category = torch.tensor([0, 0, 1])
+    w_pos = torch.tensor([1.0, 2.0, 1.0])
+    every = torch.ones(1, 3, dtype=torch.bool)
+    g = crowding_gradient(m, every, category, num_classes=2, w_pos=w_pos, kappa=0.5, weight=2.0)
+    # filter 0: relu(m_1) times 0.5·2·1 / (1 other · B = 1); filter 1: relu(m_0) times 0.5·2·2; filter 2 is alone
+    assert g[0, 0].tolist() == [[0.0, 1.0], [0.0, 0.5]]
+    assert g[0, 1].tolist() == [[2.0, 0.0], [1.0, 0.0]]
+    assert g[0, 2].eq(0).all()
+    # an image outside filter 1's category: filter 1 gets nothing and occupies nothing
+    some = torch.tensor([[True, False, True]])
+    g = crowding_gradient(m, some, category, num_classes=2, w_pos=w_pos, kappa=0.5, weight=2.0)
+    assert g.eq(0).all()
+    assert crowding_gradient(m, every, category, num_classes=2, w_pos=w_pos, kappa=0.5, weight=0.0).eq(0).all()
+
+
+def test_crowding_is_added_to_the_injected_gradient():
+    torch.manual_seed(0)
+    x0 = torch.rand(4, 3, 3, 3)
+    labels = torch.tensor([0, 0, 1, 1])
+
+    def injected(crowding: float) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = InterpretableMask(3, num_classes=2)
+        mask.class_peak.copy_(torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+        mask.class_seen.fill_(True)
+        mask.train()
+        loss = FilterLoss(torch.nn.Sequential(mask), crowding=crowding)
+        x = x0.clone().requires_grad_()
+        with loss.batch(labels, 0.1, update=False):
+            mask(x).sum().backward()
+        return x.grad, mask.masks_for(x0)
+
+    plain, m = injected(0.0)
+    crowded, _ = injected(1.5)
+    from icnn_compress.loss import class_weights, crowding_gradient
+
+    mask = InterpretableMask(3, num_classes=2)
+    mask.class_peak.copy_(torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+    w_pos, _ = class_weights(mask, None)
+    expected = crowding_gradient(m, positive_pairs(labels, mask.category, None), mask.category, num_classes=2,
+                                 w_pos=w_pos, kappa=0.1, weight=1.5)
+    assert torch.allclose(crowded - plain, expected, atol=1e-7)
+    assert expected.abs().sum() > 0
+    with pytest.raises(ValueError, match="crowding"):
+        FilterLoss(torch.nn.Sequential(mask), crowding=-1.0)

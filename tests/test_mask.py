@@ -93,3 +93,28 @@ def test_learned_beta_uses_raw_strengths_that_can_be_negative():
     # (a rule that clamps strengths at 0 sees only the point, sigma-bar 0, and targets 3 instead)
     mask.update_beta(x, m, torch.tensor([[True], [True]]), lr=1e-4, momentum=0.9)
     assert torch.allclose(mask.beta, torch.tensor([2.0 - 0.05 * 1e-4 * 1e4 * 0.5]))
+
+
+def test_local_mass_peak_differs_from_centroid_and_argmax_by_hand():
+    x = torch.zeros(1, 1, 5, 5)
+    x[0, 0, 0, 0] = 3.0  # a single-cell spike
+    x[0, 0, 3:5, 3:5] = 1.0  # a 2x2 bump of mass 4
+    # 3x3 sums: at most 3 near the spike, 4 at (3, 3), (3, 4), (4, 3), (4, 4) (own values equal): the first wins
+    assert [t.item() for t in peak_cells(x, "local-mass")] == [3, 3]
+    assert [t.item() for t in peak_cells(x, "argmax")] == [0, 0]
+    # centroid: (0·3 + 3·2 + 4·2) / 7 = 2 on both axes, between the two bumps
+    assert [t.item() for t in peak_cells(x, "centroid")] == [2, 2]
+    lone = torch.zeros(1, 1, 4, 4)
+    lone[0, 0, 2, 1] = 1.0  # every window around it sums to 1: the spike's own cell wins
+    assert [t.item() for t in peak_cells(lone, "local-mass")] == [2, 1]
+    zero = peak_cells(torch.zeros(2, 3, 4, 4), "local-mass")
+    assert zero[0].eq(0).all() and zero[1].eq(0).all()
+
+
+def test_mask_accepts_local_mass_and_rejects_unknown_peaks():
+    mask = InterpretableMask(2, num_classes=1, peak="local-mass")
+    x = torch.zeros(1, 2, 4, 4)
+    x[0, :, 3, 3] = 1.0
+    assert mask(x)[0, :, 3, 3].tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="peak must be one of"):
+        InterpretableMask(2, num_classes=1, peak="mode")

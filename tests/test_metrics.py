@@ -224,3 +224,82 @@ def test_histograms() -> None:
     assert category_histogram(torch.tensor([1, 1, 0]), ["cat", "dog"]) == {"cat": 1, "dog": 2}
     with pytest.raises(ValueError, match="out of range"):
         category_histogram(torch.tensor([3]), ["cat", "dog"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Landmark diversity and part interpretability
+
+
+def test_landmark_diversity_hand_computed() -> None:
+    out = metrics.landmark_diversity(torch.tensor([0, 0, 1, -1]), 4)
+    assert out.counts.tolist() == [2, 1, 0, 0]
+    # p = (2/3, 1/3): H = -(2/3 ln 2/3 + 1/3 ln 1/3), over ln 4
+    h = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))
+    assert out.entropy == pytest.approx(h / math.log(4))
+    # 10 % of D = 4 filters is 0.4: head (2) and body (1) are covered, the other two are not
+    assert out.coverage == 0.5
+
+
+def test_landmark_diversity_extremes() -> None:
+    assert metrics.landmark_diversity(torch.tensor([2, 2, 2]), 3).entropy == 0.0
+    even = metrics.landmark_diversity(torch.tensor([0, 1, 2, 0, 1, 2]), 3)
+    assert even.entropy == pytest.approx(1.0) and even.coverage == 1.0
+    none = metrics.landmark_diversity(torch.tensor([-1, -1]), 3)
+    assert math.isnan(none.entropy) and none.coverage == 0.0
+    # 10 of 100 filters is exactly 10 %: covered; 9 is not
+    tracked = torch.tensor([0] * 81 + [1] * 10 + [2] * 9)
+    assert metrics.landmark_diversity(tracked, 3).coverage == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="out of range"):
+        metrics.landmark_diversity(torch.tensor([3]), 3)
+    empty = metrics.landmark_diversity(torch.tensor([-1, -1]), 0)  # data without landmarks
+    assert empty.counts.numel() == 0 and math.isnan(empty.entropy) and math.isnan(empty.coverage)
+    with pytest.raises(ValueError, match="min_fraction"):
+        metrics.landmark_diversity(torch.tensor([0]), 3, min_fraction=0.0)
+
+
+def test_top_quantile_threshold_is_the_kth_largest() -> None:
+    maps = torch.arange(8.0).reshape(2, 1, 4)  # one filter, values 0..7 over 2 images x 4 cells
+    assert metrics.top_quantile_threshold(maps, 0.25).tolist() == [6.0]  # ceil(0.25 * 8) = 2nd largest
+    assert metrics.top_quantile_threshold(maps, 0.005).tolist() == [7.0]  # at least one value
+    two = torch.stack((torch.arange(8.0).reshape(2, 4), -torch.arange(8.0).reshape(2, 4)), dim=1)  # (2, 2, 4)
+    assert metrics.top_quantile_threshold(two, 0.25).tolist() == [6.0, -1.0]
+
+
+def test_part_hits_hand_computed() -> None:
+    maps = torch.tensor([[[5.0, 1.0, 0.0, 0.0]]])  # (B=1, D=1, P=4): threshold 5 keeps cell 0
+    parts = torch.tensor([[[1.0, 0.0, 0.0, 0.0],  # the same cell: IoU 1
+                           [1.0, 1.0, 1.0, 1.0],  # the whole image: IoU 1/4 > 0.2
+                           [0.0, 0.5, 0.0, 0.0],  # elsewhere: IoU 0
+                           [0.0, 0.0, 0.0, 0.0],  # absent: never counts
+                           [1.0, 1.0, 1.0, 1.0]]])  # IoU 1/4, but the bar is raised to 0.3 below
+    hits = metrics.part_hits(maps, torch.tensor([5.0]), parts)
+    assert hits.tolist() == [[[True, True, False, False, True]]]
+    assert metrics.part_hits(maps, torch.tensor([5.0]), parts, iou_threshold=0.3).tolist() == [
+        [[True, False, False, False, False]]]
+    # a silent map (all zeros, threshold 0) has no region: nothing counts
+    assert not metrics.part_hits(torch.zeros(1, 1, 4), torch.zeros(1), parts).any()
+
+
+def test_part_interpretability_hand_computed() -> None:
+    # 3 images (labels 0, 0, 1), 2 filters (categories 0 and 1), 2 parts; part 1 absent from image 1
+    hits = torch.tensor([[[True, False], [True, True]],
+                         [[False, False], [True, False]],
+                         [[True, True], [False, True]]])
+    present = torch.tensor([[True, True], [True, False], [True, True]])
+    labels = torch.tensor([0, 0, 1])
+    out = metrics.part_interpretability(hits, present, labels, torch.tensor([0, 1]))
+    # filter 0 on images 0, 1: part 0 hit 1 of 2, part 1 hit 0 of 1 (image 1 lacks it)
+    # filter 1 on image 2: part 0 hit 0 of 1, part 1 hit 1 of 1
+    assert out.per_filter_part.tolist() == [[0.5, 0.0], [0.0, 1.0]]
+    assert out.per_filter.tolist() == [0.5, 1.0] and out.best_part.tolist() == [0, 1]
+    assert out.per_part.tolist() == [0.25, 0.5]
+    assert out.mean == 0.75
+    # without categories every image counts: filter 0 hits part 0 on 2 of 3, part 1 on 1 of 2
+    every = metrics.part_interpretability(hits, present, labels)
+    assert every.per_filter_part[0].tolist() == [pytest.approx(2 / 3), 0.5]
+
+
+def test_part_interpretability_no_eligible_image_is_nan() -> None:
+    out = metrics.part_interpretability(torch.zeros(1, 1, 2, dtype=torch.bool), torch.tensor([[True, True]]),
+                                        torch.tensor([0]), torch.tensor([1]))
+    assert math.isnan(out.per_filter[0]) and out.best_part.tolist() == [-1] and math.isnan(out.mean)
