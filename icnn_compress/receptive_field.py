@@ -290,6 +290,9 @@ class _GlobalOne(nn.Module):
 # FrozenBatchNorm2d, timm's LayerNorm2d, this project's InterpretableMask). Only leaves: a container
 # such as torchvision's Conv2dNormActivation holds the conv and must be looked into.
 _IDENTITY_NAME = re.compile(r"(Norm(\dd)?|Mask|Dropout(\dd)?|DropPath|StochasticDepth)$", re.IGNORECASE)
+# Channel gates (squeeze-excitation and kin) whose global pool is functional (timm's ``x.mean((2, 3))``), so no
+# pool module is there to replace: the gate ``x * s(x)`` is the identity once s is the constant 1 (_GlobalOne).
+_GATE_NAME = re.compile(r"^(SqueezeExcit(e|ation)\w*|SEModule|EffectiveSEModule|EcaModule|CecaModule)$")
 _IDENTITY_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
                    nn.CrossMapLRN2d, nn.modules.dropout._DropoutNd)
 
@@ -315,6 +318,8 @@ def _surrogate_of(m: nn.Module) -> nn.Module | None:
     if isinstance(m, _IDENTITY_TYPES):
         return nn.Identity()
     if not m._modules and _IDENTITY_NAME.search(type(m).__name__):
+        return nn.Identity()
+    if _GATE_NAME.match(type(m).__name__):
         return nn.Identity()
     return None
 

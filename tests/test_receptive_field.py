@@ -176,3 +176,15 @@ def test_cached_geometry_follows_the_structure_and_plain_flags() -> None:
     other = layer_geometry(_FlagNet(False), "conv", image_size=32, in_channels=1)
     assert (first.stride, other.stride) == ((2.0, 2.0), (1.0, 1.0))
     assert len(receptive_field._CACHE) == 2
+
+
+def test_a_functional_squeeze_excitation_gate_is_not_a_global_pool() -> None:
+    """timm's SqueezeExcite pools with ``x.mean((2, 3))`` (no pool module): its gate is still a per-channel
+    scale, so timm's EfficientNet-B0 block has torchvision's geometry (67 px field, stride 8 at 64 px)."""
+    timm = pytest.importorskip("timm")
+    ours = layer_geometry(timm.create_model("efficientnet_b0", pretrained=False, num_classes=3), "blocks.3.0.bn1",
+                          image_size=64)
+    reference = layer_geometry(torchvision.models.efficientnet_b0(num_classes=3), "features.4.0.block.0",
+                               image_size=64)
+    assert (ours.offset, ours.stride, ours.size) == (reference.offset, reference.stride, reference.size)
+    assert (ours.stride, ours.size) == ((8.0, 8.0), (67, 67))
