@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .mask import InterpretableMask, beta_update, category_update, compiled, grid_coordinates, peak_cells
+from .mask import InterpretableMask, beta_update, category_update, compiled, grid_coordinates
 
 __all__ = [
     "FORMS",

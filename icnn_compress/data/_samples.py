@@ -9,6 +9,7 @@ gave them their data.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,9 @@ from torchvision.transforms.v2 import functional as F
 
 from icnn_compress.data._image import open_image
 from icnn_compress.errors import DatasetError
+
+
+SPLITS = ("train", "val", "test", "all")
 
 
 class LandmarkImages(torch.utils.data.Dataset):
@@ -53,6 +57,18 @@ class LandmarkImages(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.image_paths)
+
+    def _settings(self, root: str | Path, *, split: str, image_size: int, crop_to_box: bool,
+                  mean: Sequence[float], std: Sequence[float]) -> None:
+        """Check and keep the settings every reader takes, before it reads anything."""
+        if split not in SPLITS:
+            raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
+        if image_size < 1:
+            raise DatasetError(f"image_size must be positive, got {image_size}")
+        self.root = Path(root).expanduser()
+        self.image_size = image_size
+        self.crop_to_box = crop_to_box
+        self.mean, self.std = list(mean), list(std)
 
     def _crop(self, i: int, width: int, height: int) -> tuple[int, int, int, int]:
         """Return the crop (left, top, w, h) in whole pixels."""

@@ -22,7 +22,6 @@ _IMAGENET_TRANSFORMS = VGG16_Weights.IMAGENET1K_V1.transforms()
 IMAGENET_MEAN: tuple[float, ...] = tuple(_IMAGENET_TRANSFORMS.mean)
 IMAGENET_STD: tuple[float, ...] = tuple(_IMAGENET_TRANSFORMS.std)
 
-_SPLITS = ("train", "val", "test", "all")
 _HOW_TO_MAKE = "generate one with `icnn make-dataset parts --out DIR`"
 
 
@@ -122,16 +121,8 @@ class CubDataset(LandmarkImages):
         val_seed: int = 0,
         single_object: str | None = None,
     ) -> None:
-        if split not in _SPLITS:
-            raise DatasetError(f"split must be one of {_SPLITS}, got {split!r}")
-        if image_size < 1:
-            raise DatasetError(f"image_size must be positive, got {image_size}")
-        self.root = Path(root).expanduser()
+        self._settings(root, split=split, image_size=image_size, crop_to_box=crop_to_box, mean=mean, std=std)
         self._box_file = str(self.root / "bounding_boxes.txt")
-        self.image_size = image_size
-        self.crop_to_box = crop_to_box
-        self.mean = list(mean)
-        self.std = list(std)
         if not self.root.is_dir():
             raise DatasetError(
                 f"{self.root} does not exist or is not a folder; expected a CUB-200-2011 folder there "

@@ -28,7 +28,6 @@ from icnn_compress.errors import DatasetError
 
 __all__ = ["ImageFolderDataset", "is_image_folder"]
 
-_SPLITS = ("train", "val", "test", "all")
 _HELD_OUT = ("test", "val")
 
 
@@ -105,14 +104,7 @@ class ImageFolderDataset(LandmarkImages):
         split_seed: int = 0,
         single_object: str | None = None,
     ) -> None:
-        if split not in _SPLITS:
-            raise DatasetError(f"split must be one of {_SPLITS}, got {split!r}")
-        if image_size < 1:
-            raise DatasetError(f"image_size must be positive, got {image_size}")
-        self.root = Path(root).expanduser()
-        self.image_size = image_size
-        self.crop_to_box = crop_to_box
-        self.mean, self.std = list(mean), list(std)
+        self._settings(root, split=split, image_size=image_size, crop_to_box=crop_to_box, mean=mean, std=std)
         if not self.root.is_dir():
             raise DatasetError(f"{self.root} does not exist or is not a folder; expected class folders of images "
                                "there (ROOT/<class>/<image>.png, or ROOT/train/<class>/... with test/ or val/)")
