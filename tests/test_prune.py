@@ -80,20 +80,7 @@ def test_mask_state_is_pruned_with_its_channels():
     model = _tiny()
     x = torch.rand(2, 3, 8, 8)
     keep = [0, 2, 3, 5, 7]
-    # Reference: the same network with the kept channels sliced out by hand.
-    ref = _Tiny().eval()
-    ref.conv = nn.Conv2d(3, 5, 3, padding=1)
-    ref.mask_a, ref.mask_b = InterpretableMask(5, num_classes=2), InterpretableMask(5, num_classes=2)
-    ref.conv2 = nn.Conv2d(5, 4, 3, padding=1)
-    with torch.no_grad():
-        ref.conv.weight.copy_(model.conv.weight[keep])
-        ref.conv.bias.copy_(model.conv.bias[keep])
-        ref.conv2.weight.copy_(model.conv2.weight[:, keep])
-        ref.conv2.bias.copy_(model.conv2.bias)
-        ref.fc.load_state_dict(model.fc.state_dict())
-        for r, m in ((ref.mask_a, model.mask_a), (ref.mask_b, model.mask_b)):
-            r.beta.copy_(m.beta[keep])
-            r.class_peak.copy_(m.class_peak[:, keep])
+    ref = _tiny_reference(model, keep)  # the same network with the kept channels sliced out by hand
     pruner = MaskPruner()
     graph = _graph(model, pruner)
     group = graph.get_pruning_group(model.conv, tp.prune_conv_out_channels, idxs=[1, 4, 6])

@@ -74,36 +74,14 @@ def open_split(
     # unset: ImageNet's (a run fills in its model's own before it opens the data, see train.py)
     mean = cfg.mean if cfg.mean is not None else list(IMAGENET_MEAN)
     std = cfg.std if cfg.std is not None else list(IMAGENET_STD)
+    # what both readers take
+    common = dict(split=split, image_size=cfg.image_size, crop_to_box=cfg.crop_to_box, mean=mean, std=std,
+                  landmarks=cfg.landmarks, limit=limit, val_fraction=cfg.val_fraction, val_seed=cfg.val_seed,
+                  single_object=single_object)
     if dataset_format(cfg) == "imagefolder":
-        return ImageFolderDataset(
-            root,
-            split=split,
-            image_size=cfg.image_size,
-            crop_to_box=cfg.crop_to_box,
-            mean=mean,
-            std=std,
-            landmarks=cfg.landmarks,
-            keypoints=cfg.keypoints,
-            limit=limit,
-            val_fraction=cfg.val_fraction,
-            val_seed=cfg.val_seed,
-            test_fraction=cfg.test_fraction,
-            split_seed=cfg.split_seed,
-            single_object=single_object,
-        )
-    return CubDataset(
-        root,
-        split=split,
-        image_size=cfg.image_size,
-        crop_to_box=cfg.crop_to_box,
-        mean=mean,
-        std=std,
-        landmarks=cfg.landmarks,
-        limit=limit,
-        val_fraction=cfg.val_fraction,
-        val_seed=cfg.val_seed,
-        single_object=single_object,
-    )
+        return ImageFolderDataset(root, keypoints=cfg.keypoints, test_fraction=cfg.test_fraction,
+                                  split_seed=cfg.split_seed, **common)
+    return CubDataset(root, **common)
 
 
 def task_object(icnn: ICNNConfig) -> str | None:
