@@ -39,7 +39,7 @@ method works on; the "peak" is ``max_ij x``):
   one-vs-rest label of class ``c``, max over ``c`` (``mis_class``). Plug-in estimate on a streaming
   histogram of ``mis_bins`` equal-width bins over ``[0, hi]``, where ``hi`` doubles (merging bin pairs,
   exact) whenever a larger value arrives; its positive bias is about ``(bins − 1)/(2N)``.
-* ``location_instability``: :func:`~icnn_compress.metrics.location_instability` per filter and landmark,
+* ``location_instability``: :func:`~icnn_compress.method.metrics.location_instability` per filter and landmark,
   "cls" rule (top images of the filter's category), from the per-image peak cells.
 * ``part_interpretability`` (METHOD.md section 6): the region ``x > q`` with ``q`` the filter's top 0.5%
   quantile over all cells of all images, up-sampled to the image by nearest neighbour (exactly, on the map
@@ -52,7 +52,7 @@ method works on; the "peak" is ``max_ij x``):
   the part quantile's histogram are estimated on every 4th image of each batch (a fixed subsample of the
   data); every other measure (peaks, peak correlation, exclusivity, MIS, instability, the part IoU
   counts) uses every image. This keeps the pass near 0.85× of plain inference
-  (``analysis/bench_analyze.py``).
+  (``benchmarks/bench_analyze.py``).
 
 ``analysis.json`` schema (written by :func:`analyze_run`, the dict :func:`analyze` returns minus the
 tensors under ``"matrices"`` and ``"top"``)::
@@ -95,16 +95,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from icnn_compress.distributed import gather_objects, init_distributed, is_distributed, is_main, shard_indices
-from icnn_compress.metrics import (
+from icnn_compress.runtime.distributed import gather_objects, init_distributed, is_distributed, is_main, shard_indices
+from icnn_compress.method.metrics import (
     category_histogram,
     landmark_diversity,
     landmark_histogram,
     location_instability,
     min_instability_classes,
-    part_scores,
 )
-from icnn_compress.protocol import (
+from icnn_compress.method.parts import part_scores
+from icnn_compress.method.protocol import (
     class_rule_for,
     drops_sparse,
     largest_mean_class,
@@ -112,8 +112,8 @@ from icnn_compress.protocol import (
     measure_points,
     read_map,
 )
-from icnn_compress.receptive_field import LayerGeometry, layer_geometry
-from icnn_compress.threads import cpu_threads
+from icnn_compress.method.receptive_field import LayerGeometry, layer_geometry
+from icnn_compress.runtime.threads import cpu_threads
 
 __all__ = ["analyze", "analyze_run", "merge_states", "write_analysis", "write_gallery"]
 
@@ -289,7 +289,7 @@ class _LayerAnalyzer:
         st = self.state
         # Everything below is batched over (B, D, P) in float32 on the maps' device; only (D,)-, (C, D)- and
         # (D, D)-sized results are accumulated in float64. Kept to a few passes over the maps: the whole
-        # analysis must cost little more than the forward pass (analysis/bench_analyze.py).
+        # analysis must cost little more than the forward pass (benchmarks/bench_analyze.py).
         x = out.detach().float()
         if not self.nonnegative:  # a conv's raw output: measure what the following ReLU passes
             x = x.clamp(min=0)
@@ -535,7 +535,7 @@ def analyze(
             (larger ops: the instability of N × D peaks) keeps the current setting.
         amp: on CUDA, run the forward pass under bf16 autocast, as training and validation do
             (``train.amp``); the statistics stay float32/float64 (autocast is off inside the hooks).
-        protocol, architecture: where each mask layer's maps are read (:mod:`icnn_compress.protocol`;
+        protocol, architecture: where each mask layer's maps are read (:mod:`icnn_compress.method.protocol`;
             ``official``: before the mask, the new conv's raw output) and the run's architecture record
             that names the new conv. Results stay keyed by the layer names.
         progress: show a tqdm bar.
@@ -545,7 +545,7 @@ def analyze(
         ``map_correlation`` ``(D, D)`` float64 CPU tensors, ``order`` (filters ordered by cluster)) and
         ``"state"`` (the running statistics, for :func:`merge_states`).
     """
-    from icnn_compress.mask import InterpretableMask
+    from icnn_compress.method.mask import InterpretableMask
 
     device = torch.device(device)
     modules = dict(model.named_modules())
@@ -914,7 +914,7 @@ _CSV_FIELDS = ["layer", "filter", "category", "category_name", "activation_rate"
 
 def write_analysis(result: Mapping[str, Any], out: str | Path) -> Path:
     """Write ``analysis.json``, ``filters.csv`` and ``matrices.pt`` (correlations, cluster order) into ``out``."""
-    from icnn_compress.checkpoint import atomic_save, atomic_write_text
+    from icnn_compress.runtime.files import atomic_save, atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1004,12 +1004,12 @@ def analyze_run(
 ) -> dict[str, Any]:
     """Analyse a run directory's ``model.pt`` on a split of its dataset; write the outputs into ``out``.
 
-    ``run`` may also be a :class:`~icnn_compress.plain_model.PlainCheckpoint`, a model no icnn run made:
+    ``run`` may also be a :class:`~icnn_compress.runs.plain.PlainCheckpoint`, a model no icnn run made:
     its top conv (or ``layers``) is analysed on its data.
 
     ``protocol`` (None: the recipe's ``eval.protocol``) says where each mask layer is read and which class
     each filter is measured for, as in ``icnn evaluate``. ``trust_code``: see
-    :func:`~icnn_compress.train.load_run_model`.
+    :func:`~icnn_compress.runs.open.load_run_model`.
 
     Writes ``analysis.json``, ``filters.csv``, ``matrices.pt`` and (``gallery``) ``gallery/<layer>.jpg``.
     Plots and ``report.html`` are the report stage's (:func:`icnn_compress.report.render_analysis`).
@@ -1018,9 +1018,9 @@ def analyze_run(
     """
     from torch.utils.data import DataLoader
 
-    from icnn_compress.evaluate import default_layers, open_run, say_what_needs_landmarks
-    from icnn_compress.run_folder import check_output
-    from icnn_compress.train import resolve_device
+    from icnn_compress.runs.open import default_layers, open_run, say_what_needs_landmarks
+    from icnn_compress.runs.folder import check_output
+    from icnn_compress.runtime.device import resolve_device
 
     check_output(out, folder=True)
     dev = init_distributed(resolve_device(str(device)))  # under torchrun: join the group, cuda:LOCAL_RANK

@@ -12,8 +12,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import ICNNError, user_message
-from .protocol import PROTOCOLS
+from icnn_compress.errors import ICNNError, user_message
+from icnn_compress.method.protocol import PROTOCOLS
 
 __all__ = ["main"]
 
@@ -23,14 +23,14 @@ DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.t
 
 
 def _recipe(args: argparse.Namespace):
-    from .config import load_recipe
+    from icnn_compress.config import load_recipe
 
     return load_recipe(args.recipe, args.set or ())
 
 
 def _cmd_make_dataset(args: argparse.Namespace) -> int:
-    from .data.fashion import generate_fashion_canvas
-    from .data.generate import generate_parts_dataset
+    from icnn_compress.data.fashion import generate_fashion_canvas
+    from icnn_compress.data.generate import generate_parts_dataset
 
     make = generate_parts_dataset if args.kind == "parts" else generate_fashion_canvas
     path = make(args.out, seed=args.seed, progress=not args.quiet)
@@ -39,7 +39,7 @@ def _cmd_make_dataset(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from .train import pretrain
+    from icnn_compress.train import pretrain
 
     path = pretrain(_recipe(args), args.out, resume=args.resume, force=args.force, progress=not args.quiet)
     print(f"wrote the plain checkpoint {path}")
@@ -47,7 +47,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from .train import finetune
+    from icnn_compress.train import finetune
 
     if args.baseline and args.masks_only:
         raise ICNNError("--baseline and --masks-only are two different arms: pass one")
@@ -60,7 +60,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def _model(args: argparse.Namespace):
     """RUN, or the plain checkpoint that --model/--checkpoint/--data name (a model no icnn run made)."""
-    from .plain_model import PlainCheckpoint
+    from icnn_compress.runs.plain import PlainCheckpoint
 
     plain = (args.model, args.checkpoint)
     if args.run is not None:
@@ -75,7 +75,7 @@ def _model(args: argparse.Namespace):
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_run
+    from icnn_compress.evaluate import evaluate_run
 
     result = evaluate_run(_model(args), data_root=args.data, split=args.split, protocol=args.protocol,
                           json_path=args.json, progress=not args.quiet, trust_code=args.trust_code)
@@ -91,10 +91,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from .analyze import analyze_run
-    from .report import render_analysis
+    from icnn_compress.analyze import analyze_run
+    from icnn_compress.report import render_analysis
 
-    from .distributed import is_main
+    from icnn_compress.runtime.distributed import is_main
 
     result = analyze_run(_model(args), out=args.out, data_root=args.data, split=args.split, layers=args.layers,
                          progress=not args.quiet, trust_code=args.trust_code)
@@ -107,14 +107,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import report
+    from icnn_compress.report import report
 
     print(f"report: {report(args.analyses, args.out)}")
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import CompareSettings, compare_run
+    from icnn_compress.compare import CompareSettings, compare_run
 
     result = compare_run(args.run, out=args.out, data_root=args.data, split=args.split,
                          methods=[m.strip() for m in args.methods.split(",") if m.strip()], limit=args.limit,
@@ -136,7 +136,7 @@ def _target_macs(text: str) -> float | str:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from .prune import prune_run
+    from icnn_compress.prune import prune_run
 
     result = prune_run(_model(args), out=args.out, analysis=args.analysis, target_macs=args.target_macs,
                        criterion=args.criterion, recover_epochs=args.recover_epochs, round_to=args.round_to,
@@ -147,7 +147,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
+    from icnn_compress.export import export_onnx
 
     record = export_onnx(_model(args), args.out, quantize=args.quantize, calibration=args.calibration,
                          int8_agreement=args.int8_agreement, data_root=args.data, trust_code=args.trust_code)
@@ -156,7 +156,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .export import verify_export
+    from icnn_compress.export import verify_export
 
     entry = verify_export(args.model, parity_json=args.parity)
     print(f"{args.model}: sha256 {entry['sha256']} is the file its parity record checked, and the check passed")
@@ -164,7 +164,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .train import calibrate
+    from icnn_compress.train import calibrate
 
     result = calibrate(_recipe(args), progress=not args.quiet)
     for name, r in result["R_per_unit"].items():
@@ -175,7 +175,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from .pipeline import format_table, run_pipeline
+    from icnn_compress.pipeline import format_table, run_pipeline
 
     results = run_pipeline(_recipe(args), args.out, progress=not args.quiet, trust_code=args.trust_code)
     print(format_table(results))
@@ -190,7 +190,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_install_weights(args: argparse.Namespace) -> int:
-    from .checkpoint import install_offline_weights
+    from icnn_compress.models.weights import install_offline_weights
 
     for path in install_offline_weights():
         print(f"weights in the torch hub cache: {path}")
@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=_cmd_report)
 
-    from .compare import DEFAULT_METHODS, TARGETS
+    from icnn_compress.compare import DEFAULT_METHODS, TARGETS
 
     p = sub.add_parser("compare", help="the ICNN's own maps vs Captum explainers on the same measures")
     p.add_argument("run", type=Path)
@@ -298,8 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_trust(p)
     p.set_defaults(func=_cmd_compare)
 
-    from .export import INT8_MIN_AGREEMENT
-    from .prune import CRITERIA
+    from icnn_compress.export import INT8_MIN_AGREEMENT
+    from icnn_compress.prune import CRITERIA
 
     p = sub.add_parser("prune", help="remove silent and redundant filters (torch-pruning), then recover",
                        description="Prune a run to a MACs target, then recover. The settings come from the [prune] "
@@ -396,7 +396,7 @@ def _under_torchrun(args: argparse.Namespace, rank: int) -> int:
     and only then does rank 0 join the other ranks, which were waiting to join (so no collective can hang
     inside the command, and no rank reads a file before rank 0 has written it).
     """
-    from .distributed import barrier, init_distributed
+    from icnn_compress.runtime.distributed import barrier, init_distributed
 
     quiet = contextlib.nullcontext() if rank == 0 else contextlib.redirect_stdout(io.StringIO())
     if args.command in DISTRIBUTED_COMMANDS:

@@ -1,7 +1,8 @@
-"""Exceptions raised for bad input: each message says what went wrong and what to do."""
+"""Every exception raised for bad input, in one place: each message says what went wrong and what to do.
+
+``ModelError`` and ``CompareError`` are also ``ValueError``s (they reject an argument); the others are not."""
 
 from __future__ import annotations
-
 
 class ICNNError(Exception):
     """Base class of every error this package raises on purpose; the CLI prints it without a traceback."""
@@ -33,6 +34,26 @@ class RunFolderError(ICNNError):
 
 class ModelError(ICNNError, ValueError):
     """A model that cannot be built or made interpretable as asked (unknown architecture, layer, head)."""
+
+
+class PruningError(ICNNError):
+    """Pruning cannot proceed as asked (missing analysis, an unreachable MACs target, a foreign history)."""
+
+
+class CompareError(ICNNError, ValueError):
+    """A comparison that cannot run as asked (unknown explainer, layer, setting or mismatched runs)."""
+
+
+class ExportError(ICNNError):
+    """The model could not be exported, checked or quantised."""
+
+
+class ParityError(ExportError):
+    """ONNX Runtime's outputs differ from PyTorch's by more than the tolerance (int8: agree too rarely)."""
+
+
+class VerifyError(ExportError):
+    """An ONNX file that is not the one its parity.json passed: missing, changed since, or never passed."""
 
 
 def user_message(exc: ICNNError) -> str:

@@ -26,9 +26,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import atomic_path, atomic_write_text, sha256_file
-from .errors import ICNNError
-from .run_folder import check_output
+from icnn_compress.config import recipe_from_dict
+from icnn_compress.data.recipe import open_split, relocate, task_object
+from icnn_compress.errors import ExportError, ParityError, VerifyError
+from icnn_compress.runs.folder import check_output
+from icnn_compress.runs.open import load_run_model
+from icnn_compress.runtime.files import atomic_path, atomic_write_text, sha256_file
 
 __all__ = ["INT8_MIN_AGREEMENT", "ExportError", "ParityError", "VerifyError", "export_onnx", "onnx_accuracy",
            "ort_session", "providers", "verify_export"]
@@ -42,18 +45,6 @@ PARITY_BATCHES = (1, 8)
 # whose two best classes are that close: 599 of 600 test images agree for the quickstart ICNN, 592 of 600
 # for it pruned to 0.5 MACs without recovery. A model whose int8 weights went wrong agrees on ~1/classes.
 INT8_MIN_AGREEMENT = 0.98
-
-
-class ExportError(ICNNError):
-    """The model could not be exported, checked or quantised."""
-
-
-class ParityError(ExportError):
-    """ONNX Runtime's outputs differ from PyTorch's by more than the tolerance (int8: agree too rarely)."""
-
-
-class VerifyError(ExportError):
-    """An ONNX file that is not the one its parity.json passed: missing, changed since, or never passed."""
 
 
 def providers() -> list[str]:
@@ -82,9 +73,6 @@ def _load(run_or_model: str | Path | nn.Module, data_root: str | Path | None, tr
     """(model on CPU in eval mode, saved record or None, test split or None, train split or None)."""
     if isinstance(run_or_model, nn.Module):
         return run_or_model.cpu().eval(), None, None, None
-    from .config import recipe_from_dict
-    from .data.recipe import open_split, relocate, task_object
-    from .train import load_run_model
 
     model, saved = load_run_model(run_or_model, device="cpu", trust_code=trust_code)
     recipe = recipe_from_dict(saved["recipe"], source=f"{run_or_model}/model.pt")
@@ -255,7 +243,7 @@ def export_onnx(
         int8_agreement: smallest allowed fraction of images on which the int8 model's top-1 class is
             PyTorch's, over the test split of a run (the ``inputs`` for a module).
         parity_json: where the record goes (default ``parity.json`` next to ``out``).
-        trust_code: for a run, see :func:`~icnn_compress.train.load_run_model`.
+        trust_code: for a run, see :func:`~icnn_compress.runs.open.load_run_model`.
 
     Raises:
         ParityError: ONNX Runtime differs from PyTorch by more than ``tolerance``, or the int8 model agrees

@@ -11,11 +11,12 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from .checkpoint import atomic_write_text, load_model_file
-from .config import Recipe
-from .data.recipe import ensure_dataset
-from .evaluate import evaluate_run
-from .train import ARMS, finetune, pretrain
+from icnn_compress.runs.model_file import load_model_file
+from icnn_compress.runtime.files import atomic_write_text
+from icnn_compress.config import Recipe
+from icnn_compress.data.recipe import ensure_dataset
+from icnn_compress.evaluate import evaluate_run
+from icnn_compress.train import ARMS, finetune, pretrain
 
 __all__ = ["format_table", "run_pipeline"]
 
@@ -36,7 +37,7 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, arms: tuple[str, ...] = ("b
 
     The stages read the runs' model files back trusting the builder the recipe names (the user chose it) while
     every model file already in ``out`` names it too; ``trust_code`` trusts any builder, as in
-    :func:`~icnn_compress.train.load_run_model`.
+    :func:`~icnn_compress.runs.open.load_run_model`.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,10 +77,10 @@ def _recipe_builder_only(recipe: Recipe, out: Path, runs: tuple[str, ...]) -> bo
 
 def _prune_and_export(recipe: Recipe, out: Path, progress: bool, trust: bool) -> dict:
     """Prune the ICNN run as the recipe's ``[prune]`` section says, recover, export and check parity."""
-    from .export import export_onnx
-    from .prune import prune_run
+    from icnn_compress.export import export_onnx
+    from icnn_compress.prune import prune_run
 
-    from .analyze import analyze_run
+    from icnn_compress.analyze import analyze_run
 
     pruned = out / "pruned"
     if not (pruned / "pruning.json").exists():  # written last by prune_run
@@ -109,7 +110,7 @@ def _exported(onnx: Path, parity: Path) -> bool:
     A failed check writes parity.json too, and a kill or an edit can change model.onnx after a passed one:
     neither ends the export stage.
     """
-    from .export import VerifyError, verify_export
+    from icnn_compress.export import VerifyError, verify_export
 
     try:
         verify_export(onnx, parity_json=parity)
@@ -134,8 +135,8 @@ def _evaluated(run: Path, progress: bool, trust: bool) -> dict:
 
 def _analyse(out: Path, progress: bool, trust: bool) -> None:
     """Per-filter analysis of the baseline and the ICNN run, and their side-by-side report."""
-    from .analyze import analyze_run
-    from .report import render_analysis, report
+    from icnn_compress.analyze import analyze_run
+    from icnn_compress.report import render_analysis, report
 
     for arm in ("baseline", "icnn"):
         folder = out / arm / "analysis"
@@ -143,7 +144,7 @@ def _analyse(out: Path, progress: bool, trust: bool) -> None:
             log.info("stage: analyse %s", arm)
             analyze_run(out / arm, out=folder, progress=progress, trust_code=trust)
             render_analysis(folder, baseline=None if arm == "baseline" else out / "baseline" / "analysis")
-    from .compare import compare_html_section, compare_run
+    from icnn_compress.compare import compare_html_section, compare_run
 
     if not (out / "compare" / "compare.json").exists():
         log.info("stage: compare explainers (small: %d images)", DEMO_COMPARE_IMAGES)

@@ -10,7 +10,6 @@ Every image is embedded as a base64 ``data:`` URI, so the page is one file that 
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
@@ -20,7 +19,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["analysis_report", "build_report", "data_uri", "render_analysis", "report", "report_sections", "write_plots"]
+from icnn_compress.runtime.files import atomic_write_text, data_uri
+
+__all__ = ["build_report", "render_analysis", "report", "report_sections", "write_plots"]
 
 _SUMMARY_ROWS = [
     ("num_filters", "filters"),
@@ -157,12 +158,6 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
-def data_uri(path: Path) -> str:
-    """The image file as a ``data:`` URI, so that a page embeds it and fetches nothing."""
-    mime = "image/jpeg" if path.suffix.lower() in (".jpg", ".jpeg") else "image/png"
-    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-
-
 def _img(path: Path, alt: str, cls: str = "plot") -> str:
     return f'<img class="{cls}" alt="{html.escape(alt)}" src="{data_uri(path)}">'
 
@@ -263,7 +258,6 @@ def build_report(out: str | Path, *, analyses: Sequence[str | Path], extra_secti
     text = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
             + "".join(body) + "</body></html>\n")
-    from icnn_compress.checkpoint import atomic_write_text
 
     atomic_write_text(page, text)
     return page
@@ -299,12 +293,3 @@ def report(analysis_dirs: Sequence[str | Path], out: str | Path, *,
         write_plots(d, baseline=baseline if d != baseline else None)
     return build_report(out, analyses=dirs, baseline=baseline, extra_sections=extra_sections,
                         title="Filter analysis: " + " vs ".join(Path(d).name for d in dirs))
-
-
-def analysis_report(run: str | Path, *, out: str | Path, baseline: str | Path | None = None,
-                    **analyze_options: Any) -> Path:
-    """Analyse a run into ``out`` (:func:`~icnn_compress.analyze.analyze_run`) and render its report; return report.html."""
-    from icnn_compress.analyze import analyze_run
-
-    analyze_run(run, out=out, **analyze_options)
-    return render_analysis(out, baseline=baseline)

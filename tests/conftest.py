@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from icnn_compress.checkpoint import load_model_file, save_model_file
+from icnn_compress.runs.model_file import load_model_file, save_model_file
 from icnn_compress.config import load_recipe
 from icnn_compress.data.generate import generate_parts_dataset
 from icnn_compress.train import pretrain

@@ -193,7 +193,7 @@ def test_merge_states_equals_one_pass() -> None:
 
 
 def test_default_layers_are_the_masks() -> None:
-    from icnn_compress.mask import InterpretableMask
+    from icnn_compress.method.mask import InterpretableMask
 
     model = MapModel(_maps())
     model.layer = InterpretableMask(5, num_classes=C, active=False)
@@ -240,7 +240,7 @@ def test_subsampled_estimates_leave_the_rest_exact() -> None:
 
 @pytest.mark.slow
 def test_analyze_run_on_a_generated_run(tiny_recipe, tmp_path) -> None:
-    from icnn_compress.checkpoint import save_model_file
+    from icnn_compress.runs.model_file import save_model_file
     from icnn_compress.config import recipe_to_dict
     from icnn_compress.data.recipe import open_split
     from icnn_compress.train import build_for_recipe

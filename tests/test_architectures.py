@@ -7,7 +7,7 @@ one SGD step with the filter loss at that κ), ``analyze`` (the per-filter analy
 
 A model that cannot pass a stage is listed in ``EXPECTED`` with the error the code raises and why; the test
 then checks that it gets exactly that error at exactly that stage. With ``ICNN_ARCH_REPORT=<file.jsonl>`` each
-model's outcome is appended to that file (``analysis/architecture_table.py`` turns it into the README table).
+model's outcome is appended to that file (``benchmarks/architecture_table.py`` turns it into the README table).
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from torch import nn
 from icnn_compress.analyze import analyze, write_gallery
 from icnn_compress.errors import TrainingError
 from icnn_compress.export import ParityError, export_onnx
-from icnn_compress.kappa import calibrate_kappa
-from icnn_compress.loss import FilterLoss
+from icnn_compress.method.kappa import calibrate_kappa
+from icnn_compress.method.filter_loss import FilterLoss
 from icnn_compress.prune import MaskPruner, load_filter_scores, make_importance, prune_model
 from icnn_compress.prune._scores import PruningError
-from icnn_compress.surgery import build_base_model, make_interpretable
+from icnn_compress.models.registry import build_base_model
+from icnn_compress.models.surgery import make_interpretable
 
 timm = pytest.importorskip("timm")
 

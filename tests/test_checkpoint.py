@@ -1,4 +1,4 @@
-"""Tests for icnn_compress/checkpoint.py: weights, state dicts, model files and atomic saves, all offline."""
+"""Tests for the weights, state dicts, model files and atomic saves (models/weights.py, models/state_dict.py, runs/model_file.py, runtime/files.py), all offline."""
 
 from __future__ import annotations
 
@@ -14,22 +14,15 @@ import torch
 import torchvision
 from torch import nn
 
-from icnn_compress.checkpoint import (
-    MODEL_FILE_FORMAT,
-    RunDir,
-    append_jsonl,
-    atomic_save,
-    atomic_write_text,
+from icnn_compress.models.state_dict import load_state_dict_checked, read_state_dict
+from icnn_compress.models.weights import (
     build_torchvision_model,
     hub_checkpoint_path,
     install_offline_weights,
-    load_model_file,
-    load_state_dict_checked,
     load_torchvision_weights,
-    read_state_dict,
-    save_model_file,
-    trim_jsonl,
 )
+from icnn_compress.runs.model_file import MODEL_FILE_FORMAT, RunDir, load_model_file, save_model_file
+from icnn_compress.runtime.files import append_jsonl, atomic_save, atomic_write_text, trim_jsonl
 from icnn_compress.errors import CheckpointError
 
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"

@@ -29,8 +29,8 @@ from icnn_compress.compare import (
     upsample_to_input,
 )
 from icnn_compress.compare._compare import _robustness
-from icnn_compress.receptive_field import LayerGeometry, layer_geometry
-from icnn_compress.surgery import make_interpretable
+from icnn_compress.method.receptive_field import LayerGeometry, layer_geometry
+from icnn_compress.models.surgery import make_interpretable
 from icnn_compress.zoo import small_cnn
 
 FAST = dict(batch_size=4, ig_steps=4, conductance_steps=4, smoothgrad_samples=2, infidelity_samples=2,
@@ -345,7 +345,7 @@ def test_unknown_explainer_and_missing_categories_are_errors():
 
 def _untrained_run(recipe, out, arm: str) -> None:
     """A run directory as finetune leaves it, with untrained weights (training is tested elsewhere)."""
-    from icnn_compress.checkpoint import save_model_file
+    from icnn_compress.runs.model_file import save_model_file
     from icnn_compress.config import recipe_to_dict
     from icnn_compress.data.recipe import open_split
     from icnn_compress.train import build_for_recipe

@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, Subset
 
 from icnn_compress.analyze import analyze
 from icnn_compress.data.generate import generate_parts_dataset
-from icnn_compress.distributed import all_reduce_mask_state, shard_indices
-from icnn_compress.mask import InterpretableMask
+from icnn_compress.method.mask_sync import all_reduce_mask_state
+from icnn_compress.runtime.distributed import shard_indices
+from icnn_compress.method.mask import InterpretableMask
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.toml"
 WORLD = 2
@@ -48,7 +49,7 @@ def _spawn(fn, *args) -> None:
 
 def _finetune_worker(rank: int, port: int, root: str, run: str, dump: str) -> None:
     _join(rank, port)
-    import icnn_compress.train as train
+    import icnn_compress.train._finetune as train
     from icnn_compress.config import load_recipe
     from icnn_compress.data.recipe import open_split
 

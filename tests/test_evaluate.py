@@ -137,7 +137,7 @@ def test_bad_arguments() -> None:
 
 
 def test_a_run_reads_its_recipe_limits_but_a_given_folder_whole(tiny_recipe, tiny_parts, tmp_path) -> None:
-    from icnn_compress.checkpoint import save_model_file
+    from icnn_compress.runs.model_file import save_model_file
     from icnn_compress.config import recipe_to_dict
     from icnn_compress.data.recipe import open_split
     from icnn_compress.evaluate import evaluate_run
@@ -155,7 +155,7 @@ def test_a_run_reads_its_recipe_limits_but_a_given_folder_whole(tiny_recipe, tin
 
 
 def test_a_folder_of_other_classes_is_refused_with_a_hint(tiny_recipe, tmp_path, capsys) -> None:
-    from icnn_compress.checkpoint import save_model_file
+    from icnn_compress.runs.model_file import save_model_file
     from icnn_compress.cli import main
     from icnn_compress.config import recipe_to_dict
     from icnn_compress.data import generate_parts_dataset

@@ -23,9 +23,10 @@ from icnn_compress.cli import main
 from icnn_compress.config import load_recipe
 from icnn_compress.export import ExportError, ParityError, export_onnx, ort_session
 from icnn_compress.pipeline import _exported
-from icnn_compress.mask import InterpretableMask
+from icnn_compress.method.mask import InterpretableMask
 from icnn_compress.prune import prune_run
-from icnn_compress.surgery import ARCHITECTURES, build_base_model, make_interpretable
+from icnn_compress.models.registry import ARCHITECTURES, build_base_model
+from icnn_compress.models.surgery import make_interpretable
 from icnn_compress.train import finetune
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.toml"

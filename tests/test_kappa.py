@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from icnn_compress.errors import TrainingError
-from icnn_compress.kappa import R_BANDS, R_COLLAPSE, CollapseGuard, calibrate_kappa
-from icnn_compress.loss import FilterLoss, positive_pairs, reference_gradient, class_weights
-from icnn_compress.mask import InterpretableMask
+from icnn_compress.method.kappa import R_BANDS, R_COLLAPSE, CollapseGuard, calibrate_kappa
+from icnn_compress.method.filter_loss import FilterLoss
+from icnn_compress.method.loss import positive_pairs, reference_gradient, class_weights
+from icnn_compress.method.mask import InterpretableMask
 
 
 def tiny(scale: float = 1.0):

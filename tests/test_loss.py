@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from icnn_compress.loss import FilterLoss, mutual_information_loss, positive_pairs, reference_gradient
-from icnn_compress.mask import InterpretableMask, peak_cells, template_masks
+from icnn_compress.method.filter_loss import FilterLoss
+from icnn_compress.method.loss import mutual_information_loss, positive_pairs, reference_gradient
+from icnn_compress.method.mask import InterpretableMask, peak_cells, template_masks
 
 
 def reference_gradient_loops(x, m, pos, w_pos, w_neg, kappa, a=0.5):
@@ -217,8 +218,8 @@ def test_a_compiled_model_compiles_once_and_keeps_the_filter_loss_eager():
 def test_fused_functions_have_no_graph_break():
     """The mask's forward, the per-batch filter-loss work and the injection's backward each trace as one graph
     (issue 21): nothing in them syncs with the host or branches on data."""
-    from icnn_compress.loss import filter_loss_step, injection_backward
-    from icnn_compress.mask import PEAK_RULES, masked_maps
+    from icnn_compress.method.loss import filter_loss_step, injection_backward
+    from icnn_compress.method.mask import PEAK_RULES, masked_maps
 
     torch._dynamo.reset()
     x = torch.relu(torch.randn(4, 3, 5, 5)).requires_grad_(True)
@@ -276,7 +277,7 @@ def test_compiled_filter_loss_agrees_with_eager_and_compiles_once(peak):
 
 
 def test_crowding_gradient_hand_computed():
-    from icnn_compress.loss import crowding_gradient
+    from icnn_compress.method.loss import crowding_gradient
 
     m = torch.tensor([[[[1.0, -1.0], [0.5, 0.0]],
                        [[0.0, 1.0], [-1.0, 0.5]],
@@ -314,7 +315,7 @@ def test_crowding_is_added_to_the_injected_gradient():
 
     plain, m = injected(0.0)
     crowded, _ = injected(1.5)
-    from icnn_compress.loss import class_weights, crowding_gradient
+    from icnn_compress.method.loss import class_weights, crowding_gradient
 
     mask = InterpretableMask(3, num_classes=2)
     mask.class_peak.copy_(torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icnn_compress.mask import InterpretableMask, paper_beta_to_grid, peak_cells, template_masks
+from icnn_compress.method.mask import InterpretableMask, paper_beta_to_grid, peak_cells, template_masks
 
 
 def test_template_on_a_3x3_grid_has_hand_computed_values():

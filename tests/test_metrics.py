@@ -10,8 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import icnn_compress.metrics as metrics
-from icnn_compress.metrics import (
+import icnn_compress.method.metrics as metrics
+import icnn_compress.method.parts as part_measures
+from icnn_compress.method.metrics import (
     accuracy,
     category_histogram,
     landmark_histogram,
@@ -19,7 +20,7 @@ from icnn_compress.metrics import (
     oracle_reference,
     random_peak_reference,
 )
-from icnn_compress.receptive_field import LayerGeometry
+from icnn_compress.method.receptive_field import LayerGeometry
 
 NAN = float("nan")
 
@@ -259,10 +260,10 @@ def test_landmark_diversity_extremes() -> None:
 
 def test_top_quantile_threshold_is_the_kth_largest() -> None:
     maps = torch.arange(8.0).reshape(2, 1, 4)  # one filter, values 0..7 over 2 images x 4 cells
-    assert metrics.top_quantile_threshold(maps, 0.25).tolist() == [6.0]  # ceil(0.25 * 8) = 2nd largest
-    assert metrics.top_quantile_threshold(maps, 0.005).tolist() == [7.0]  # at least one value
+    assert part_measures.top_quantile_threshold(maps, 0.25).tolist() == [6.0]  # ceil(0.25 * 8) = 2nd largest
+    assert part_measures.top_quantile_threshold(maps, 0.005).tolist() == [7.0]  # at least one value
     two = torch.stack((torch.arange(8.0).reshape(2, 4), -torch.arange(8.0).reshape(2, 4)), dim=1)  # (2, 2, 4)
-    assert metrics.top_quantile_threshold(two, 0.25).tolist() == [6.0, -1.0]
+    assert part_measures.top_quantile_threshold(two, 0.25).tolist() == [6.0, -1.0]
 
 
 def test_part_hits_hand_computed() -> None:
@@ -272,12 +273,12 @@ def test_part_hits_hand_computed() -> None:
                            [0.0, 0.5, 0.0, 0.0],  # elsewhere: IoU 0
                            [0.0, 0.0, 0.0, 0.0],  # absent: never counts
                            [1.0, 1.0, 1.0, 1.0]]])  # IoU 1/4, but the bar is raised to 0.3 below
-    hits = metrics.part_hits(maps, torch.tensor([5.0]), parts)
+    hits = part_measures.part_hits(maps, torch.tensor([5.0]), parts)
     assert hits.tolist() == [[[True, True, False, False, True]]]
-    assert metrics.part_hits(maps, torch.tensor([5.0]), parts, iou_threshold=0.3).tolist() == [
+    assert part_measures.part_hits(maps, torch.tensor([5.0]), parts, iou_threshold=0.3).tolist() == [
         [[True, False, False, False, False]]]
     # a silent map (all zeros, threshold 0) has no region: nothing counts
-    assert not metrics.part_hits(torch.zeros(1, 1, 4), torch.zeros(1), parts).any()
+    assert not part_measures.part_hits(torch.zeros(1, 1, 4), torch.zeros(1), parts).any()
 
 
 def test_part_interpretability_hand_computed() -> None:
@@ -287,7 +288,7 @@ def test_part_interpretability_hand_computed() -> None:
                          [[True, True], [False, True]]])
     present = torch.tensor([[True, True], [True, False], [True, True]])
     labels = torch.tensor([0, 0, 1])
-    out = metrics.part_interpretability(hits, present, labels, torch.tensor([0, 1]))
+    out = part_measures.part_interpretability(hits, present, labels, torch.tensor([0, 1]))
     # filter 0 on images 0, 1: part 0 hit 1 of 2, part 1 hit 0 of 1 (image 1 lacks it)
     # filter 1 on image 2: part 0 hit 0 of 1, part 1 hit 1 of 1
     assert out.per_filter_part.tolist() == [[0.5, 0.0], [0.0, 1.0]]
@@ -295,11 +296,11 @@ def test_part_interpretability_hand_computed() -> None:
     assert out.per_part.tolist() == [0.25, 0.5]
     assert out.mean == 0.75
     # without categories every image counts: filter 0 hits part 0 on 2 of 3, part 1 on 1 of 2
-    every = metrics.part_interpretability(hits, present, labels)
+    every = part_measures.part_interpretability(hits, present, labels)
     assert every.per_filter_part[0].tolist() == [pytest.approx(2 / 3), 0.5]
 
 
 def test_part_interpretability_no_eligible_image_is_nan() -> None:
-    out = metrics.part_interpretability(torch.zeros(1, 1, 2, dtype=torch.bool), torch.tensor([[True, True]]),
+    out = part_measures.part_interpretability(torch.zeros(1, 1, 2, dtype=torch.bool), torch.tensor([[True, True]]),
                                         torch.tensor([0]), torch.tensor([1]))
     assert math.isnan(out.per_filter[0]) and out.best_part.tolist() == [-1] and math.isnan(out.mean)

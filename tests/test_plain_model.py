@@ -14,9 +14,9 @@ from icnn_compress.analyze import analyze_run
 from icnn_compress.cli import main
 from icnn_compress.errors import CheckpointError
 from icnn_compress.export import export_onnx
-from icnn_compress.plain_model import PlainCheckpoint
+from icnn_compress.runs.plain import PlainCheckpoint
 from icnn_compress.prune import prune_run
-from icnn_compress.train import load_run_model
+from icnn_compress.runs.open import load_run_model
 from icnn_compress.zoo import small_cnn
 
 BUILDER = "icnn_compress.zoo:small_cnn"

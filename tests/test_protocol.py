@@ -14,9 +14,9 @@ import icnn_compress.data._samples
 from icnn_compress.data.cub import CubDataset
 from icnn_compress.data.recipe import open_split
 from icnn_compress.evaluate import evaluate, evaluate_run
-from icnn_compress.metrics import min_instability_classes
-from icnn_compress.protocol import measure_points, read_map, released_classes
-from icnn_compress.surgery import make_interpretable
+from icnn_compress.method.metrics import min_instability_classes
+from icnn_compress.method.protocol import measure_points, read_map, released_classes
+from icnn_compress.models.surgery import make_interpretable
 from icnn_compress.train import finetune
 from icnn_compress.zoo import small_cnn
 

@@ -14,10 +14,10 @@ import torch_pruning as tp
 from conftest import interrupted_at_call
 from torch import nn
 
-import icnn_compress.train
+import icnn_compress.train._finetune
 from icnn_compress.analyze import analyze_run
 from icnn_compress.config import load_recipe
-from icnn_compress.mask import InterpretableMask
+from icnn_compress.method.mask import InterpretableMask
 from icnn_compress.prune import (
     FilterScores,
     ICNNImportance,
@@ -33,8 +33,10 @@ from icnn_compress.prune import (
     prune_run,
     round_targets,
 )
-from icnn_compress.surgery import build_base_model, make_interpretable
-from icnn_compress.train import finetune, load_run_model
+from icnn_compress.models.registry import build_base_model
+from icnn_compress.models.surgery import make_interpretable
+from icnn_compress.runs.open import load_run_model
+from icnn_compress.train import finetune
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.toml"
 
@@ -237,7 +239,7 @@ def _synthetic_scores(model: nn.Module, masks: list[str]) -> dict[str, list[Filt
     ("resnet18", 32, "l1", "baseline"),
 ])
 def test_prune_model_meets_the_target_and_replays(arch, size, criterion, variant):
-    from icnn_compress.surgery import build_model
+    from icnn_compress.models.surgery import build_model
 
     model, record = _interpretable(arch, size, variant)
     masks = record["masks"]
@@ -430,7 +432,7 @@ def test_prune_run_recovers_saves_and_reloads_in_a_fresh_process(trained_run, tm
     torch.save({"x": x, "y": y}, tmp_path / "io.pt")
     script = textwrap.dedent(f"""
         import torch
-        from icnn_compress.train import load_run_model
+        from icnn_compress.runs.open import load_run_model
         torch.load({str(out / 'model.pt')!r}, weights_only=True)  # plain data only
         model, saved = load_run_model({str(out)!r})
         io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)
@@ -488,7 +490,7 @@ def test_a_run_made_on_a_gpu_recovers_on_the_device_prune_is_given(trained_run, 
 def test_an_interrupted_recovery_resumes(trained_run, tmp_path, monkeypatch):
     out = tmp_path / "r"
     settings = dict(criterion="l1", target_macs=0.7, schedule_steps=4, device="cpu", progress=False)
-    with interrupted_at_call(monkeypatch, icnn_compress.train, "_train_epoch"):  # in recovery epoch 2
+    with interrupted_at_call(monkeypatch, icnn_compress.train._finetune, "_train_epoch"):  # in recovery epoch 2
         prune_run(trained_run, out=out, recover_epochs=2, **settings)
     assert not (out / "pruning.json").exists() and not (out / "model.pt").exists()
     record = prune_run(trained_run, out=out, recover_epochs=2, resume=True, **settings)

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from icnn_compress import receptive_field
-from icnn_compress.receptive_field import LayerGeometry, layer_geometry
+from icnn_compress.method import receptive_field
+from icnn_compress.method.receptive_field import LayerGeometry, layer_geometry
 
 
 @pytest.fixture(autouse=True)

@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from icnn_compress.checkpoint import load_model_file
+from icnn_compress.runs.model_file import load_model_file
 from icnn_compress.errors import CheckpointError, RunFolderError
-from icnn_compress.run_folder import LOCK_FILE, check_output, check_same_run, claim_folder, locked
+from icnn_compress.runs.folder import LOCK_FILE, check_output, check_same_run, claim_folder, locked
 from icnn_compress.train import finetune, pretrain
 
 from conftest import QUICKSTART
@@ -54,7 +54,7 @@ def test_the_lock_of_a_process_that_is_gone_is_taken_over(tmp_path, caplog):
     folder.mkdir()
     pid = _dead_pid()
     (folder / LOCK_FILE).write_text(json.dumps({"pid": pid, "host": os.uname().nodename, "command": "finetune"}))
-    with caplog.at_level(logging.WARNING, logger="icnn_compress.run_folder"), locked(folder, "evaluate"):
+    with caplog.at_level(logging.WARNING, logger="icnn_compress.runs.folder"), locked(folder, "evaluate"):
         assert json.loads((folder / LOCK_FILE).read_text())["pid"] == os.getpid()
     assert f"taking over the lock of process {pid}, which is gone (finetune)" in caplog.text
     assert not (folder / LOCK_FILE).exists()
@@ -69,7 +69,7 @@ def test_a_folder_with_another_runs_files_needs_resume_or_force(tmp_path, caplog
                                              r"--resume to continue it, --force to replace it"):
         claim_folder(folder, ("model.pt", "last.pt", "metrics.jsonl"), resume=False, force=False, what="run")
     assert (folder / "model.pt").read_bytes() == b"a finished run"  # refused: nothing touched
-    with caplog.at_level(logging.WARNING, logger="icnn_compress.run_folder"):
+    with caplog.at_level(logging.WARNING, logger="icnn_compress.runs.folder"):
         claim_folder(folder, ("model.pt", "last.pt", "metrics.jsonl"), resume=False, force=True, what="run")
     assert sorted(p.name for p in folder.iterdir()) == [] and "--force: removing model.pt, metrics.jsonl" in caplog.text
 

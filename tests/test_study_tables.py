@@ -1,4 +1,4 @@
-"""The study scripts' summaries and tables (analysis/arm_seeds.py, analysis/parts_options.py) on made-up cells."""
+"""The study scripts' summaries and tables (benchmarks/arm_seeds.py, benchmarks/parts_options.py) on made-up cells."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import arm_seeds  # noqa: E402
 import parts_options  # noqa: E402

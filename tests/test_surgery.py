@@ -15,18 +15,16 @@ from conftest import BUILDER
 
 from icnn_compress.config import recipe_from_dict
 from icnn_compress.errors import UntrustedCodeError
-from icnn_compress.loss import FilterLoss
-from icnn_compress.mask import InterpretableMask
-from icnn_compress.surgery import (
+from icnn_compress.method.filter_loss import FilterLoss
+from icnn_compress.method.mask import InterpretableMask
+from icnn_compress.models.registry import (
     ARCHITECTURES,
     BUILDER_ENTRY_POINTS,
     build_base_model,
-    build_model,
-    find_top_layer,
-    make_interpretable,
     model_normalization,
     with_model_normalization,
 )
+from icnn_compress.models.surgery import build_model, find_top_layer, make_interpretable
 
 SIZE = 96
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
@@ -96,7 +94,7 @@ def test_baseline_variant_has_identical_modules_and_passes_maps_through():
 def test_user_cnn_top_block_is_found_and_its_head_kept(caplog):
     model = build_base_model("icnn_compress.zoo:small_cnn", num_classes=4)
     head = model.head[-1]
-    with caplog.at_level("INFO", logger="icnn_compress.surgery"):
+    with caplog.at_level("INFO", logger="icnn_compress.models.surgery"):
         layout = make_interpretable(model, arch="icnn_compress.zoo:small_cnn", num_classes=4, image_size=64)
     # features ends with features.14 (its last ReLU, 8x8): the container is the last module with that map
     assert layout["top_layer"] == "features" and "rectify" not in layout

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from icnn_compress.threads import cpu_threads
+from icnn_compress.runtime.threads import cpu_threads
 
 
 def test_cpu_threads_sets_and_restores_the_setting_even_on_error():

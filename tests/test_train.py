@@ -10,12 +10,16 @@ import pytest
 import torch
 from conftest import interrupted_at_call
 
-import icnn_compress.train
-from icnn_compress.checkpoint import atomic_save, load_model_file
+import icnn_compress.train._finetune
+import icnn_compress.train._pretrain
+from icnn_compress.runs.model_file import load_model_file
+from icnn_compress.runtime.files import atomic_save
 from icnn_compress.errors import CheckpointError, DatasetError, ModelError, RunFolderError, TrainingError
 from icnn_compress.evaluate import evaluate_run
-from icnn_compress.surgery import build_base_model
-from icnn_compress.train import finetune, load_run_model, lr_at, pretrain, resolve_device
+from icnn_compress.models.registry import build_base_model
+from icnn_compress.runs.open import load_run_model
+from icnn_compress.runtime.device import resolve_device
+from icnn_compress.train import finetune, lr_at, pretrain
 
 
 def _records(run):
@@ -46,7 +50,7 @@ def test_resume_continues_to_the_same_weights_as_one_run(tiny_recipe, tmp_path, 
     straight = tmp_path / "straight"
     finetune(tiny_recipe(), straight, arm="masks-only", progress=False)
     split = tmp_path / "split"
-    with interrupted_at_call(monkeypatch, icnn_compress.train, "validate_filters"):  # in epoch 2
+    with interrupted_at_call(monkeypatch, icnn_compress.train._finetune, "validate_filters"):  # in epoch 2
         finetune(tiny_recipe(), split, arm="masks-only", progress=False)
     assert not (split / "model.pt").exists() and [r["epoch"] for r in _records(split)] == [1]
     finetune(tiny_recipe(), split, arm="masks-only", resume=True, progress=False)
@@ -106,7 +110,7 @@ def test_a_class_with_no_training_image_is_named_in_a_warning(tiny_recipe, tiny_
 
 def test_an_epoch_that_leaves_an_infinite_buffer_is_never_the_last_good_one(tiny_recipe, tmp_path, monkeypatch):
     run = tmp_path / "inf"
-    real, calls = icnn_compress.train._train_epoch, []
+    real, calls = icnn_compress.train._finetune._train_epoch, []
 
     def corrupt_epoch_2(model, *args, **kwargs):
         stats = real(model, *args, **kwargs)
@@ -116,7 +120,7 @@ def test_an_epoch_that_leaves_an_infinite_buffer_is_never_the_last_good_one(tiny
             bn.running_var.fill_(float("inf"))
         return stats
 
-    monkeypatch.setattr(icnn_compress.train, "_train_epoch", corrupt_epoch_2)
+    monkeypatch.setattr(icnn_compress.train._finetune, "_train_epoch", corrupt_epoch_2)
     with pytest.raises(TrainingError, match=r"running_var became NaN or infinite in epoch 2; the filter loss is off "
                                             r"in this arm, so the learning rate is the cause: lower train.lr"):
         finetune(tiny_recipe(), run, arm="baseline", progress=False)
@@ -165,7 +169,7 @@ def test_pretrain_writes_a_loadable_plain_state_dict(tiny_recipe, tmp_path):
 def test_an_interrupted_pretrain_resumes_to_the_same_weights(tiny_recipe, tmp_path, monkeypatch):
     recipe = tiny_recipe("pretrain.epochs=2")
     straight = torch.load(pretrain(recipe, tmp_path / "straight", progress=False), weights_only=True)
-    with interrupted_at_call(monkeypatch, icnn_compress.train, "validate"):  # in epoch 2
+    with interrupted_at_call(monkeypatch, icnn_compress.train._pretrain, "validate"):  # in epoch 2
         pretrain(recipe, tmp_path / "split", progress=False)
     assert not (tmp_path / "split" / "model.pth").exists()
     with pytest.raises(RunFolderError, match="pass --resume"):
@@ -238,7 +242,8 @@ def test_cuda_graphs_without_cuda_is_refused_with_the_fix(tiny_recipe, tmp_path)
 
 
 def test_compile_recipe_compiles_the_filter_loss(tiny_recipe):
-    from icnn_compress.train import _filter_loss, build_for_recipe
+    from icnn_compress.train import build_for_recipe
+    from icnn_compress.train._setup import _filter_loss
 
     for flag in (False, True):
         recipe = tiny_recipe(f"train.compile={str(flag).lower()}")

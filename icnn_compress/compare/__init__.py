@@ -10,7 +10,9 @@ writes ``compare.json``, ``compare.md`` and ``compare.jpg``; :func:`compare_html
 report.
 """
 
-from ._compare import DEFAULT_METHODS, Comparison, compare, compare_run, explanation_drift
+from icnn_compress.errors import CompareError
+
+from ._compare import DEFAULT_METHODS, Comparison, compare, explanation_drift
 from ._explainers import EXPLAINERS, REFERENCE_EXPLAINERS, Explainer, IcnnMaps, build_explainers
 from ._measures import (
     conductance_exclusivity,
@@ -24,7 +26,8 @@ from ._measures import (
     upsample_to_input,
 )
 from ._present import compare_html_section, format_compare_table, format_drift_table, plot_grid
-from ._settings import TARGETS, CompareError, CompareSettings
+from ._run import compare_run
+from ._settings import TARGETS, CompareSettings
 
 __all__ = [
     "DEFAULT_METHODS",

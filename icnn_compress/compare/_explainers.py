@@ -44,8 +44,8 @@ from captum.attr import (
 )
 from torch import Tensor, nn
 
-from icnn_compress.protocol import MeasurePoint, read_map
-from icnn_compress.receptive_field import LayerGeometry
+from icnn_compress.method.protocol import MeasurePoint, read_map
+from icnn_compress.method.receptive_field import LayerGeometry
 
 from ._measures import upsample_to_input
 from ._settings import CompareError, CompareSettings
@@ -270,7 +270,7 @@ def build_explainers(
         filter_category: ``(D,)`` long category of each filter of ``layer``; needed by ``icnn``.
         settings: steps, batch sizes, noise.
         input_range: ``max - min`` of a normalised input; SmoothGrad's noise is a fraction of it.
-        point, point_geometry: where the ``icnn`` maps are read (:mod:`icnn_compress.protocol`) and that
+        point, point_geometry: where the ``icnn`` maps are read (:mod:`icnn_compress.method.protocol`) and that
             module's geometry; default: ``layer``'s output.
     """
     unknown = [m for m in methods if m not in EXPLAINERS]

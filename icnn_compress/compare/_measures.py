@@ -1,6 +1,6 @@
 """The measures every explainer is judged by: pure, batched functions on maps, peaks and landmarks.
 
-Conventions (as in :mod:`icnn_compress.metrics`): a map is ``(B, S, S)`` at input resolution; pixel
+Conventions (as in :mod:`icnn_compress.method.metrics`): a map is ``(B, S, S)`` at input resolution; pixel
 coordinates are continuous ``(x, y)`` with the image spanning ``[0, S]``, so pixel ``(row, col)`` has its
 centre at ``(col + 0.5, row + 0.5)``; ``K`` landmarks per image with a ``visible`` flag.
 
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from icnn_compress.metrics import location_instability
-from icnn_compress.receptive_field import LayerGeometry
+from icnn_compress.method.metrics import location_instability
+from icnn_compress.method.receptive_field import LayerGeometry
 
 __all__ = [
     "blur",

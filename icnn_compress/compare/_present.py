@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..report import data_uri
+from icnn_compress.runtime.files import data_uri
 from ._explainers import REFERENCE_EXPLAINERS
 
 __all__ = ["compare_html_section", "format_compare_table", "format_drift_table", "plot_grid"]

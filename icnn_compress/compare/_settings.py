@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from icnn_compress.errors import ICNNError
+from icnn_compress.errors import CompareError  # re-exported: compare.CompareError
 
 __all__ = ["TARGETS", "CompareError", "CompareSettings"]
 
-
-class CompareError(ICNNError, ValueError):
-    """A comparison that cannot run as asked (unknown explainer, layer, setting or mismatched runs)."""
 
 TARGETS = ("label", "pred")
 

@@ -1,16 +1,12 @@
 """Interpretability-guided structured pruning on torch-pruning's dependency graph (stage: prune)."""
 
-from ._graph import HISTORY_FORMAT, apply_pruning_history, classifier_layer, count_macs, prune_model, round_targets
-from ._importance import CRITERIA, ICNNImportance, MaskPruner, RawFPGMImportance, make_importance
+from icnn_compress.errors import PruningError
+from icnn_compress.models.pruned import HISTORY_FORMAT, MaskPruner, apply_pruning_history
+
+from ._graph import classifier_layer, count_macs, prune_model, round_targets
+from ._importance import CRITERIA, ICNNImportance, RawFPGMImportance, make_importance
 from ._run import prune_run
-from ._scores import (
-    FilterScores,
-    PruningError,
-    analysis_settings,
-    flag_counts,
-    icnn_layer_scores,
-    load_filter_scores,
-)
+from ._scores import FilterScores, analysis_settings, flag_counts, icnn_layer_scores, load_filter_scores
 
 __all__ = [
     "CRITERIA",

@@ -1,4 +1,4 @@
-"""The pruning driver on torch-pruning's dependency graph, and the replay of a saved pruning history."""
+"""The pruning driver on torch-pruning's dependency graph (the replay of a saved history: models/pruned.py)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,15 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from icnn_compress.mask import InterpretableMask
+from icnn_compress.errors import PruningError
+from icnn_compress.method.mask import InterpretableMask
+from icnn_compress.models.pruned import HISTORY_FORMAT, MaskPruner, graph_kwargs
 
-from ._importance import ICNNImportance, MaskPruner
-from ._scores import PruningError
+from ._importance import ICNNImportance
 
-__all__ = ["HISTORY_FORMAT", "apply_pruning_history", "classifier_layer", "count_macs", "prune_model", "round_targets"]
+__all__ = ["classifier_layer", "count_macs", "prune_model", "round_targets"]
 
 log = logging.getLogger(__name__)
-
-HISTORY_FORMAT = "icnn-prune/1"
 
 
 def classifier_layer(model: nn.Module) -> nn.Module:
@@ -149,10 +148,6 @@ def _explained(model: nn.Module, what: str):
         raise _torch_pruning_failed(model, exc, what) from exc
 
 
-def _graph_kwargs(mask_pruner: MaskPruner) -> dict[str, Any]:
-    return {"customized_pruners": {InterpretableMask: mask_pruner}}
-
-
 def _channels(model: nn.Module) -> dict[str, int]:
     out = {}
     for name, m in model.named_modules():
@@ -274,7 +269,7 @@ def prune_model(
             ignored_layers=ignored,
             round_to=round_to,
             observe=mask_pruner.observe,
-            **_graph_kwargs(mask_pruner),
+            **graph_kwargs(mask_pruner),
         )
     names = {m: n for n, m in model.named_modules()}
     macs, params = base_macs, base_params
@@ -366,28 +361,3 @@ def _prune_flagged(pruner: _Pruner, importance: ICNNImportance) -> None:
         if pruner._observe is not None:  # a plain model's followed convs keep their first-seen numbering
             pruner._observe(group)
         group.prune()
-
-
-def apply_pruning_history(model: nn.Module, history: Mapping[str, Any]) -> nn.Module:
-    """Replay a saved pruning ``history`` (from :func:`prune_model`) on a freshly built model; return it.
-
-    Rebuilds torch-pruning's dependency graph on ``model`` (as built from the run's architecture record)
-    and redoes every recorded group pruning (``DependencyGraph.load_pruning_history``), so the model has
-    the pruned shapes and its ``state_dict`` can be loaded.
-    """
-    if history.get("format") != HISTORY_FORMAT:
-        raise PruningError(f"pruning history format {history.get('format')!r} is not {HISTORY_FORMAT!r}; "
-                           "use the icnn-compress version that wrote the model file")
-    was_training = model.training
-    example = torch.zeros(*history["example_input_shape"])
-    with torch.enable_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Unwrapped parameters.*")
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
-                                                      **_graph_kwargs(MaskPruner()))
-        try:
-            graph.load_pruning_history([(n, bool(o), list(i)) for n, o, i in history["steps"]])
-        except (AttributeError, AssertionError, ValueError, IndexError) as exc:
-            raise PruningError(f"the pruning history does not fit this model ({exc}): was the model file "
-                               "edited or written for another architecture?") from exc
-    model.train(was_training)
-    return model

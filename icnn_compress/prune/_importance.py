@@ -14,86 +14,16 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from icnn_compress.mask import InterpretableMask
+from icnn_compress.method.mask import InterpretableMask
+from icnn_compress.models.pruned import OUT_HANDLERS, MaskPruner, channel_width
 
-from ._scores import FilterScores, PruningError, icnn_layer_scores
+from icnn_compress.errors import PruningError
 
-__all__ = ["CRITERIA", "ICNNImportance", "MaskPruner", "RawFPGMImportance", "make_importance", "producing_conv"]
+from ._scores import FilterScores, icnn_layer_scores
+
+__all__ = ["CRITERIA", "ICNNImportance", "RawFPGMImportance", "make_importance", "producing_conv"]
 
 CRITERIA = ("icnn", "icnn-l1", "l1", "fpgm", "taylor", "random")
-
-_OUT = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
-
-
-class MaskPruner(tp.pruner.BasePruningFunc):
-    """torch-pruning's pruner for :class:`InterpretableMask`: a channel-preserving (element-wise) layer.
-
-    ``prune_in_channels is prune_out_channels`` makes the mask pass its channels through in the dependency
-    graph (torch-pruning's intra-layer dependency), so the mask is pruned with the conv that feeds it and
-    the conv that reads it. Its per-channel state goes with the channels: ``beta`` and ``beta_velocity`` ``(D,)`` and
-    ``class_peak`` ``(C, D)``; ``class_seen`` and ``class_freq`` are per class and stay.
-
-    It also remembers, for every mask it pruned, which channels of the mask as first seen remain
-    (:meth:`original_index`): the analysis numbers filters in the unpruned model. A plain model's analysed
-    conv (no mask: :class:`~icnn_compress.plain_model.PlainCheckpoint`) is pruned by torch-pruning's own
-    conv pruner; :meth:`follow` names it and :meth:`observe`, given every group before it is pruned,
-    keeps its numbering the same way.
-    """
-
-    TARGET_MODULES = InterpretableMask
-
-    def __init__(self) -> None:
-        super().__init__(pruning_dim=0)
-        self._origin: dict[InterpretableMask, Tensor] = {}
-
-    def original_index(self, layer: nn.Module) -> Tensor:
-        """The first-seen channel index of each current channel of ``layer``, ``(D,)`` long on the CPU."""
-        if layer not in self._origin:
-            self._origin[layer] = torch.arange(_width(layer))
-        return self._origin[layer]
-
-    def tracks(self, layer: nn.Module) -> bool:
-        """Whether this pruner has seen ``layer`` (its channel numbering may differ from the analysis')."""
-        return layer in self._origin
-
-    def follow(self, conv: nn.Module) -> None:
-        """Keep the first-seen numbering of ``conv``'s output channels (an analysed conv of a plain model)."""
-        self.original_index(conv)
-
-    def observe(self, group) -> None:
-        """Update the numbering of the followed convs whose output channels ``group`` is about to prune."""
-        for item in group:
-            layer = item.dep.target.module
-            if layer in self._origin and not isinstance(layer, InterpretableMask) and item.dep.handler in _OUT:
-                drop = set(int(i) for i in item.idxs)
-                keep = [i for i in range(len(self._origin[layer])) if i not in drop]
-                self._origin[layer] = self._origin[layer][torch.tensor(keep, dtype=torch.long)]
-
-    def prune_out_channels(self, layer: InterpretableMask, idxs: Sequence[int]) -> InterpretableMask:
-        drop = set(int(i) for i in idxs)
-        keep = [i for i in range(layer.num_filters) if i not in drop]
-        origin = self.original_index(layer)
-        keep_t = torch.tensor(keep, dtype=torch.long, device=layer.beta.device)
-        # Assigning a tensor to a registered buffer's name replaces the buffer (nn.Module.__setattr__).
-        layer.beta = layer.beta.index_select(0, keep_t).contiguous()
-        layer.beta_velocity = layer.beta_velocity.index_select(0, keep_t).contiguous()
-        layer.class_peak = layer.class_peak.index_select(1, keep_t).contiguous()  # (C, D')
-        self._origin[layer] = origin[torch.tensor(keep, dtype=torch.long)]
-        return layer
-
-    prune_in_channels = prune_out_channels
-
-    def get_out_channels(self, layer: InterpretableMask) -> int:
-        return layer.num_filters
-
-    get_in_channels = get_out_channels
-
-
-def _width(layer: nn.Module) -> int:
-    """Output channels of a mask, a conv or a linear layer."""
-    if isinstance(layer, InterpretableMask):
-        return layer.num_filters
-    return layer.out_channels if isinstance(layer, nn.modules.conv._ConvNd) else layer.out_features
 
 
 def producing_conv(model: nn.Module, name: str) -> nn.Module | None:
@@ -171,14 +101,14 @@ class ICNNImportance(tp.importance.Importance):
                 layer = producing_conv(model, name)
                 if layer is not None:
                     self._plain[layer] = name
-                    if not self.mask_pruner.tracks(layer) and _width(layer) == len(s):
+                    if not self.mask_pruner.tracks(layer) and channel_width(layer) == len(s):
                         self.mask_pruner.follow(layer)
             if layer is None:
                 raise PruningError(f"the analysis describes layer {name!r}, which the model does not have "
                                    f"(its masks: {sorted(masks)}); analyse this run's model.pt")
-            if _width(layer) != len(s) and not self.mask_pruner.tracks(layer):
+            if channel_width(layer) != len(s) and not self.mask_pruner.tracks(layer):
                 raise PruningError(f"the analysis has {len(s)} filters in {name!r} but the model has "
-                                   f"{_width(layer)}: analyse this run's model.pt")
+                                   f"{channel_width(layer)}: analyse this run's model.pt")
 
     @torch.no_grad()
     def flagged(self, group) -> Tensor | None:
@@ -199,7 +129,7 @@ class ICNNImportance(tp.importance.Importance):
             layer = item.dep.target.module
             if isinstance(layer, InterpretableMask):
                 scores = self.layer_scores.get(names.get(layer, ""))
-            elif layer in self._plain and item.dep.handler in _OUT:
+            elif layer in self._plain and item.dep.handler in OUT_HANDLERS:
                 scores = self.layer_scores[self._plain[layer]]
             else:
                 continue
@@ -241,7 +171,7 @@ class RawFPGMImportance(tp.importance.FPGMImportance):
         imps, roots = [], []
         for item in group:
             layer, fn = item.dep.target.module, item.dep.handler
-            if fn not in _OUT or not isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)):
+            if fn not in OUT_HANDLERS or not isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)):
                 continue
             w = layer.weight.data
             w = w.transpose(0, 1) if getattr(layer, "transposed", False) else w

@@ -12,22 +12,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from icnn_compress.checkpoint import RunDir, atomic_write_text, save_model_file
 from icnn_compress.config import PruneConfig, Recipe, recipe_from_dict, recipe_to_dict
 from icnn_compress.data.recipe import open_split, relocate, task_object
-from icnn_compress.run_folder import check_output, locked
-from icnn_compress.surgery import PLAIN
-from icnn_compress.train import finetune, load_run_model, loader, resolve_device, validate
+from icnn_compress.errors import PruningError
+from icnn_compress.models.pruned import MaskPruner
+from icnn_compress.models.registry import PLAIN
+from icnn_compress.runs.folder import check_output, locked
+from icnn_compress.runs.model_file import RESERVED_KEYS, RunDir, save_model_file
+from icnn_compress.runs.open import load_run_model
+from icnn_compress.runtime.device import resolve_device
+from icnn_compress.runtime.files import atomic_write_text
+from icnn_compress.runtime.loader import make_loader
+from icnn_compress.train import finetune, validate
 
 from ._graph import prune_model
-from ._importance import MaskPruner, make_importance
-from ._scores import PruningError, analysis_settings, flag_counts, load_filter_scores
+from ._importance import make_importance
+from ._scores import analysis_settings, flag_counts, load_filter_scores
 
 __all__ = ["prune_run"]
 
 log = logging.getLogger(__name__)
-
-_RESERVED = ("format", "state_dict", "architecture", "classes")
 
 
 def _taylor_backward(train_data, device: torch.device, batches: int):
@@ -101,7 +105,7 @@ def prune_run(
 
     Args:
         run: an unpruned run directory (or model file) from ``icnn finetune`` / ``icnn pipeline``, or a
-            :class:`~icnn_compress.plain_model.PlainCheckpoint` (a model no icnn run made; its analysis is
+            :class:`~icnn_compress.runs.plain.PlainCheckpoint` (a model no icnn run made; its analysis is
             of ordinary layers, scored through the convs that produce them).
         analysis: the run's ``analysis.json`` (or its folder); required by the ``icnn*`` criteria.
         target_macs: MACs of the pruned model as a fraction of the run's model's, or ``"auto"``: remove exactly
@@ -122,7 +126,7 @@ def prune_run(
             given seed) and must match ``history.json``, written before the recovery; the recovery goes on
             from ``last.pt`` (or restarts when no epoch had finished). ``pruning.json``, written last, marks
             the run complete. An iterative pruning (``steps > 1``) restarts from its first round.
-        trust_code: see :func:`~icnn_compress.train.load_run_model`.
+        trust_code: see :func:`~icnn_compress.runs.open.load_run_model`.
 
     Returns:
         The ``pruning.json`` record.
@@ -159,7 +163,8 @@ def prune_run(
         resume_recovery = resume_recovery and rounds == 1
         data_cfg = relocate(recipe.data, data_root)
         test_set = open_split(data_cfg, "test", progress=progress, single_object=task_object(recipe.icnn))
-        test = loader(test_set, batch_size=recipe.train.eval_batch_size, shuffle=False, seed=0, workers=0, device=dev)
+        test = make_loader(test_set, batch_size=recipe.train.eval_batch_size, shuffle=False, seed=0, workers=0,
+                           device=dev)
         acc_before = validate(model, test, dev, amp=False, channels_last=False)
 
         torch.manual_seed(seed)
@@ -171,8 +176,8 @@ def prune_run(
         before_step = None
         if settings.criterion == "taylor":
             train_set = open_split(data_cfg, "train", progress=progress, single_object=task_object(recipe.icnn))
-            train = loader(train_set, batch_size=recipe.train.batch_size, shuffle=True, seed=seed, workers=0,
-                           device=dev)
+            train = make_loader(train_set, batch_size=recipe.train.batch_size, shuffle=True, seed=seed, workers=0,
+                                device=dev)
             before_step = _taylor_backward(train, dev, taylor_batches)
         size = saved["architecture"]["image_size"]
         data_recipe = replace(recipe, data=data_cfg)
@@ -236,7 +241,7 @@ def prune_run(
                     flags[layer]["kept"] = len(kept)
             record["auto"] = {"thresholds": analysis_settings(analysis), "layers": flags}
         if settings.recover_epochs == 0:
-            extra = {k: v for k, v in saved.items() if k not in _RESERVED}
+            extra = {k: v for k, v in saved.items() if k not in RESERVED_KEYS}
             save_model_file(out_dir.ensure().model_path, state_dict=model.state_dict(),
                             architecture=saved["architecture"],
                             classes=saved["classes"], extra={**extra, "pruning": history})

@@ -12,15 +12,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from icnn_compress.errors import ICNNError
+from icnn_compress.errors import PruningError
 
 __all__ = [
-    "FilterScores", "PruningError", "analysis_settings", "flag_counts", "icnn_layer_scores", "load_filter_scores",
+    "FilterScores", "analysis_settings", "flag_counts", "icnn_layer_scores", "load_filter_scores",
 ]
-
-
-class PruningError(ICNNError):
-    """Pruning cannot proceed as asked (missing analysis, an unreachable MACs target, a foreign history)."""
 
 
 @dataclass(frozen=True)

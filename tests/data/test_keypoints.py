@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 from icnn_compress.data import CubDataset, ImageFolderDataset, read_keypoints
 from icnn_compress.errors import DatasetError
 from icnn_compress.evaluate import evaluate
-from icnn_compress.surgery import build_base_model, make_interpretable
+from icnn_compress.models.registry import build_base_model
+from icnn_compress.models.surgery import make_interpretable
 
 
 def _png(path: Path) -> Path:
