@@ -114,8 +114,8 @@ def main() -> None:
                      + " | ".join(f"{speed[b]:.2f}×" for b in args.batches) + " |")
     acc = result["int8_accuracy"]
     if acc.get("accuracy_fp32") is not None:
-        lines += ["", f"int8 accuracy (test split, ONNX Runtime): {acc['accuracy_int8']:.2f}% vs fp32 "
-                      f"{acc['accuracy_fp32']:.2f}% ({acc['accuracy_change']:+.2f} points)."]
+        lines += ["", f"int8 accuracy (test split, ONNX Runtime): {100 * acc['accuracy_int8']:.2f}% vs fp32 "
+                      f"{100 * acc['accuracy_fp32']:.2f}% ({100 * acc['accuracy_change']:+.2f} points)."]
     table = "\n".join(lines) + "\n"
     (out / "bench_export.md").write_text(table, encoding="utf-8")
     (out / "bench_export.json").write_text(json.dumps(result, indent=1), encoding="utf-8")

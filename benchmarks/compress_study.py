@@ -109,10 +109,10 @@ def measure(parent: Path, cell: Path, args: argparse.Namespace) -> dict:
     got = json.loads(path.read_text()) if path.is_file() else {}
     record = json.loads((cell / "pruning.json").read_text())
     changed = False
-    if "accuracy" not in got:
+    if "accuracy" not in got:  # measures.json keeps percent; pruning.json holds fractions
         acc = record["accuracy_recovered"] if record["accuracy_recovered"] is not None else record["accuracy_pruned"]
-        got.update(accuracy=acc, accuracy_pruned=record["accuracy_pruned"],
-                   accuracy_unpruned=record["accuracy_unpruned"], macs_ratio=record["macs_ratio"],
+        got.update(accuracy=100 * acc, accuracy_pruned=100 * record["accuracy_pruned"],
+                   accuracy_unpruned=100 * record["accuracy_unpruned"], macs_ratio=record["macs_ratio"],
                    params_ratio=record["params"] / record["base_params"], auto=record.get("auto"),
                    recover_epochs=record["recover_epochs"], steps=record.get("steps", 1))
         changed = True
@@ -138,8 +138,8 @@ def _counts(run: Path, analysis: Path, seed: int) -> dict:
     """Silent / redundant filters per masked layer of ``run`` and the MACs ratio without exactly those."""
     record = prune_cell(run, run / "prune" / "auto_count", analysis=analysis, target_macs="auto", criterion="icnn",
                         recover_epochs=0, steps=1, seed=seed, device="cpu", progress=False, trust_code=True)
-    return {"macs_ratio": record["macs_ratio"], "accuracy_unpruned": record["accuracy_unpruned"],
-            "accuracy_pruned": record["accuracy_pruned"], "layers": record["auto"]["layers"],
+    return {"macs_ratio": record["macs_ratio"], "accuracy_unpruned": 100 * record["accuracy_unpruned"],
+            "accuracy_pruned": 100 * record["accuracy_pruned"], "layers": record["auto"]["layers"],
             "thresholds": record["auto"]["thresholds"]}
 
 

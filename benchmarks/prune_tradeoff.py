@@ -145,6 +145,8 @@ def main() -> None:
                                  round_to=args.round_to, floor=args.floor, progress=not args.quiet,
                                  trust_code=args.trust_code)
                 rec = {k: v for k, v in rec.items() if k != "history"} | {"seed": seed, "dir": str(cell)}
+                for key in ("accuracy_unpruned", "accuracy_pruned", "accuracy_recovered"):  # the tables print percent
+                    rec[key] = None if rec[key] is None else 100 * rec[key]
                 if not args.no_interpretability:
                     rec["interpretability"] = interpretability(cell, cell / "analysis", args.trust_code)
                 logging.info("%s @ %.2f (seed %d): MACs %.3f, accuracy %.2f -> %.2f -> %s", crit, target, seed,

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from icnn_compress.config import CRITERIA, GENERATORS
 from icnn_compress.errors import ICNNError, user_message
 from icnn_compress.method.protocol import PROTOCOLS
 
@@ -54,7 +55,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     arm = "baseline" if args.baseline else "masks-only" if args.masks_only else "icnn"
     record = finetune(_recipe(args), args.out, arm=arm, resume=args.resume, force=args.force,
                       progress=not args.quiet)
-    print(f"{arm}: epoch {record.get('epoch')} val acc {record.get('val_acc', float('nan')):.2f}% -> {args.out}/model.pt")
+    print(f"{arm}: epoch {record.get('epoch')} val acc {100 * record.get('val_acc', float('nan')):.2f}% -> {args.out}/model.pt")
     return 0
 
 
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "top conv; a builder needs it or --layers)")
 
     p = sub.add_parser("make-dataset", help="generate a part-annotated dataset in the CUB-200-2011 layout")
-    p.add_argument("kind", choices=["parts", "fashion-canvas"])
+    p.add_argument("kind", choices=list(GENERATORS))
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_dataset)
@@ -299,7 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     from icnn_compress.export import INT8_MIN_AGREEMENT
-    from icnn_compress.prune import CRITERIA
 
     p = sub.add_parser("prune", help="remove silent and redundant filters (torch-pruning), then recover",
                        description="Prune a run to a MACs target, then recover. The settings come from the [prune] "

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from icnn_compress.data.recipe import task_object
 from icnn_compress.method.evaluation import evaluate
@@ -19,6 +18,7 @@ from icnn_compress.runs.folder import check_output
 from icnn_compress.runs.open import default_layers, open_run, say_what_needs_landmarks
 from icnn_compress.runtime.device import resolve_device
 from icnn_compress.runtime.files import atomic_write_text
+from icnn_compress.runtime.loader import make_loader
 
 __all__ = ["evaluate", "evaluate_run"]
 
@@ -54,8 +54,8 @@ def evaluate_run(
     rule = class_rule_for(protocol)
     categories = learned_classes(model, layers) if rule == "learned" else None
     obj = task_object(recipe.icnn)
-    loader = DataLoader(dataset, batch_size=recipe.train.eval_batch_size, shuffle=False,
-                        num_workers=recipe.data.num_workers)
+    loader = make_loader(dataset, batch_size=recipe.train.eval_batch_size, shuffle=False, seed=0,
+                         workers=recipe.data.num_workers, device=dev)
     result = evaluate(model, loader, layers=layers, filter_category=categories, classes=dataset.classes,
                       landmark_names=dataset.landmark_names, image_size=dataset.image_size, protocol=protocol,
                       class_rule=None if rule == "learned" else rule, architecture=saved["architecture"],

@@ -96,14 +96,14 @@ def _batches(dataset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]
 
 
 def onnx_accuracy(session, dataset, *, batch_size: int = 64) -> float:
-    """Top-1 accuracy (%) of an ONNX Runtime session over ``dataset``."""
+    """Top-1 accuracy of an ONNX Runtime session over ``dataset``, a fraction in [0, 1]."""
     correct = total = 0
     name = session.get_inputs()[0].name
     for images, labels in _batches(dataset, batch_size):
         logits = session.run(None, {name: images})[0]
         correct += int((logits.argmax(1) == labels).sum())
         total += len(labels)
-    return 100.0 * correct / max(total, 1)
+    return correct / max(total, 1)
 
 
 def _export(model: nn.Module, example: Tensor, path: Path) -> None:

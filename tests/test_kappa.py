@@ -68,7 +68,7 @@ def test_pilot_ratio_comes_from_real_gradient_norms_and_sets_kappa_on_target():
     assert 8 < r / r10 < 12
 
 
-def record(loss=1.0, dead=0, acc=90.0, filters=100, r=None):
+def record(loss=1.0, dead=0, acc=0.90, filters=100, r=None):
     top = {"dead": dead, "filters": filters} | ({} if r is None else {"R": r})
     return {"train_loss": loss, "val_acc": acc, "layers": {"top": top, "next": {"dead": 0, "filters": 10, "R": 99.0}}}
 
@@ -79,7 +79,7 @@ def test_guard_verdicts():
     assert "more dead filters" in guard.check(record(dead=12))
     assert guard.check(record(dead=5)) is None  # below max(2, 10% of 100)
     assert "spiked" in guard.check(record(loss=2.5))
-    assert "accuracy fell" in guard.check(record(acc=70.0))
+    assert "accuracy fell" in guard.check(record(acc=0.70))
     assert "not finite" in guard.check(record(loss=math.inf))
     assert CollapseGuard(enabled=False).check(record(loss=math.inf)) is None
 

@@ -215,8 +215,8 @@ def test_a_kappa_ten_times_too_large_is_backed_off_and_the_run_ends_alive(learne
     assert good[0]["kappa0"] < 10 * kappa0 / 3  # lowered at least by the guard's default factor
     for layer in final["layers"].values():
         assert layer["dead"] <= 0.1 * layer["filters"]
-    assert final["val_acc"] >= auto["val_acc"] - 5.0, (seen, auto["val_acc"])
-    assert auto["val_acc"] >= 65.0  # the plain model learned: the comparison means something
+    assert final["val_acc"] >= auto["val_acc"] - 0.05, (seen, auto["val_acc"])
+    assert auto["val_acc"] >= 0.65  # the plain model learned: the comparison means something
 
 
 def test_resume_after_the_last_epoch_saves_the_last_epochs_record(tiny_recipe, tmp_path, caplog):

@@ -19,6 +19,7 @@ from icnn_compress.method.evaluation import evaluate
 from icnn_compress.method.mask import InterpretableMask
 from icnn_compress.method.protocol import class_rule_for, measure_points
 from icnn_compress.method.receptive_field import layer_geometry
+from icnn_compress.runtime.jsonable import finite_json
 
 from ._explainers import EXPLAINERS, IcnnMaps, _Conductance, build_explainers, input_range_of
 from ._measures import (
@@ -254,8 +255,7 @@ def compare(
         "layer": layer,
         "protocol": protocol,
         "icnn_maps_at": point.describe(),
-        "geometry": {"offset": list(geometry.offset), "stride": list(geometry.stride),
-                     "receptive_field": list(geometry.size) if geometry.size else None},
+        "geometry": geometry.to_json(),
         "target": settings.target,
         "radius_px": radius,
         "filters_per_class": (None if filter_category is None else
@@ -264,7 +264,7 @@ def compare(
                        for name, t in tallies.items()},
     }
     if cond_sum is not None and filter_category is not None:
-        summary["exclusivity"] = _finite_dict(conductance_exclusivity(cond_sum, cond_count, filter_category.cpu()))
+        summary["exclusivity"] = finite_json(conductance_exclusivity(cond_sum, cond_count, filter_category.cpu()))
     maps = {name: torch.cat(t.maps) for name, t in tallies.items() if t.maps}
     return Comparison(summary=summary, examples=examples, maps=maps)
 
@@ -296,7 +296,7 @@ def explanation_drift(parent: Comparison, pruned: Comparison) -> dict[str, dict[
         for key in _DRIFT_MEASURES:
             row[f"{key}_parent"] = parent.summary["explainers"][name].get(key)
             row[key] = pruned.summary["explainers"][name].get(key)
-        out[name] = _finite_dict(row)
+        out[name] = finite_json(row)
     return out
 
 
@@ -368,21 +368,9 @@ def _summarise(t: _Tally, lm: Tensor, vis: Tensor, target: Tensor, radius: float
         "seconds_per_image": t.seconds / max(n, 1),
         "empty_fraction": float(torch.cat(t.flat).double().mean()),
     }
-    return _finite_dict(out)
+    return finite_json(out)
 
 
 def _se(v: Tensor) -> float:
     return float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else float("nan")
 
-
-def _finite_dict(d: Mapping[str, Any]) -> dict[str, Any]:
-    """Replace NaN / inf by ``None`` (strict JSON), recursively."""
-    def fix(v: Any) -> Any:
-        if isinstance(v, float):
-            return v if math.isfinite(v) else None
-        if isinstance(v, Mapping):
-            return {k: fix(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [fix(x) for x in v]
-        return v
-    return fix(dict(d))

@@ -17,6 +17,7 @@ from icnn_compress.runs.folder import check_output
 from icnn_compress.runs.open import open_run
 from icnn_compress.runtime.device import resolve_device
 from icnn_compress.runtime.files import atomic_write_text
+from icnn_compress.runtime.loader import make_loader
 
 from ._compare import DEFAULT_METHODS, Comparison, compare, explanation_drift
 from ._settings import CompareSettings
@@ -124,9 +125,8 @@ def compare_run(
         elif len(dataset) != len(meta["dataset"]):
             raise CompareError(f"{path} opens a {split} split of {len(dataset)} images but {run} one of "
                              f"{len(meta['dataset'])}; compare models trained on the same data")
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, meta["indices"]),
-                                             batch_size=settings.batch_size, shuffle=False,
-                                             num_workers=recipe.data.num_workers)
+        loader = make_loader(torch.utils.data.Subset(dataset, meta["indices"]), batch_size=settings.batch_size,
+                             shuffle=False, seed=0, workers=recipe.data.num_workers, device=dev)
         key = "parent" if role == "parent" else saved.get("arm") or role
         if key in comparisons:
             key = role if role not in comparisons else f"{role}-{len(comparisons)}"

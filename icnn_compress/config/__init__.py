@@ -7,6 +7,9 @@ error, never ignored.
 
 from ._parse import load_recipe, recipe_from_dict, recipe_to_dict, recipe_to_toml
 from ._schema import (
+    CRITERIA,
+    GENERATORS,
+    OPTIMIZERS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     DataConfig,
@@ -20,6 +23,9 @@ from ._schema import (
 )
 
 __all__ = [
+    "CRITERIA",
+    "GENERATORS",
+    "OPTIMIZERS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "DataConfig",

@@ -9,6 +9,9 @@ from typing import Any
 
 
 __all__ = [
+    "CRITERIA",
+    "GENERATORS",
+    "OPTIMIZERS",
     "DataConfig",
     "EvalConfig",
     "ICNNConfig",
@@ -18,6 +21,12 @@ __all__ = [
     "Recipe",
     "TrainConfig",
 ]
+
+# The names a recipe may choose from, defined once: the pruning criteria (each registered in
+# icnn_compress.prune with register_criterion), the dataset generators and the optimisers.
+CRITERIA = ("icnn", "icnn-l1", "l1", "fpgm", "taylor", "random")
+GENERATORS = ("parts", "fashion-canvas")
+OPTIMIZERS = ("sgd", "adamw")
 
 # torchvision's ImageNet normalisation (torchvision/transforms/_presets.py declares it inline, not publicly).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -105,7 +114,7 @@ class DataConfig:
     num_workers: int = _at_least(0, 0)
     limit_train: int | None = _at_least(1, None)
     limit_test: int | None = _at_least(1, None)
-    generate: str | None = _choices("parts", "fashion-canvas", default=None)  # build the dataset when missing
+    generate: str | None = _choices(*GENERATORS, default=None)  # build the dataset when missing
     generate_seed: int = 0
     # the part names location instability averages over (None: every part of parts/parts.txt)
     landmarks: list[str] | None = None
@@ -122,7 +131,7 @@ class TrainConfig:
 
     epochs: int = _at_least(1, 10)  # 0 would save the untrained model as a run
     batch_size: int = _at_least(1, 32)
-    optimizer: str = _choices("sgd", "adamw", default="sgd")
+    optimizer: str = _choices(*OPTIMIZERS, default="sgd")
     lr: float = _positive(1e-2)
     lr_end: float = _finite(1e-3)
     # "paper": logspace lr -> lr_end over `schedule_epochs`, then lr_end
@@ -150,7 +159,7 @@ class PretrainConfig:
     epochs: int = _at_least(0, 0)
     lr: float = _positive(1e-2)
     lr_end: float = _finite(1e-3)
-    optimizer: str = _choices("sgd", "adamw", default="sgd")
+    optimizer: str = _choices(*OPTIMIZERS, default="sgd")
 
 
 @dataclass
@@ -189,7 +198,7 @@ class PruneConfig:
     """Interpretability-guided structured pruning (``icnn prune``, the pipeline's prune stage)."""
 
     # the names of icnn_compress.prune.CRITERIA (not imported: the prune stage imports this module)
-    criterion: str = _choices("icnn", "icnn-l1", "l1", "fpgm", "taylor", "random", default="icnn-l1")
+    criterion: str = _choices(*CRITERIA, default="icnn-l1")
     # MACs of the result over the unpruned model's, in (0, 1]; or "auto": remove exactly the filters the analysis
     # flags (silent ones, and the members of each redundancy cluster other than its best), nothing else
     target_macs: str | float = _choices("auto", default=0.5, number=(0.0, 1.0, True, False))

@@ -6,7 +6,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import IMAGENET_MEAN, IMAGENET_STD, DataConfig, ICNNConfig
+from ..config import GENERATORS, IMAGENET_MEAN, IMAGENET_STD, DataConfig, ICNNConfig
 from ..errors import DatasetError
 from ._samples import LandmarkImages
 from .cub import CubDataset
@@ -19,6 +19,7 @@ __all__ = ["dataset_format", "ensure_dataset", "open_split", "relocate", "task_o
 log = logging.getLogger(__name__)
 
 _GENERATORS = {"parts": generate_parts_dataset, "fashion-canvas": generate_fashion_canvas}
+assert tuple(_GENERATORS) == GENERATORS, "config.GENERATORS names the generators"
 
 
 def relocate(cfg: DataConfig, root: str | Path | None, *, whole: bool = False) -> DataConfig:

@@ -28,7 +28,9 @@ from icnn_compress.method.metrics import (
 )
 from icnn_compress.method.parts import part_hits, part_interpretability, top_quantile_threshold
 from icnn_compress.method.protocol import drops_sparse, fixed_classes, measure_points, read_map, released_classes
-from icnn_compress.method.receptive_field import LayerGeometry, layer_geometry
+from icnn_compress.method.receptive_field import layer_geometry
+from icnn_compress.runtime.device import eval_mode
+from icnn_compress.runtime.jsonable import finite_or_none
 
 __all__ = ["evaluate"]
 
@@ -143,11 +145,10 @@ def evaluate(
         return hook
 
     handles = [modules[points[name].module].register_forward_hook(collector(name)) for name in layers]
-    was_training = model.training
-    model.to(device).eval()
+    model.to(device)
     preds, labels, landmarks, visible = [], [], [], []
     try:
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
                 masks = batch.get("part_masks") if parts else None
                 if masks is not None:
@@ -164,7 +165,6 @@ def evaluate(
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
 
     if not preds:
         raise ValueError("the loader yielded no batch; check the dataset split")
@@ -200,16 +200,16 @@ def evaluate(
         per_filter = measured.per_filter
         spread = landmark_diversity(measured.tracked_landmark, len(landmark_names), min_fraction=coverage_fraction)
         entry: dict[str, Any] = {
-            "location_instability": _finite(measured.mean),
-            "random_reference": _finite(random_peak_reference(ref_lm, ref_vis, **reference).mean),
-            "oracle_reference": _finite(oracle_reference(ref_lm, ref_vis, **reference).mean),
+            "location_instability": finite_or_none(measured.mean),
+            "random_reference": finite_or_none(random_peak_reference(ref_lm, ref_vis, **reference).mean),
+            "oracle_reference": finite_or_none(oracle_reference(ref_lm, ref_vis, **reference).mean),
             "num_filters": int(value.shape[1]),
             "dropped_filters": int(torch.isnan(per_filter).sum()),
             "measured_at": points[name].describe(),
             "class_rule": rule,
             "landmark_tracking": landmark_histogram(measured.tracked_landmark, landmark_names),
-            "landmark_entropy": _finite(spread.entropy),
-            "landmark_coverage": _finite(spread.coverage),
+            "landmark_entropy": finite_or_none(spread.entropy),
+            "landmark_coverage": finite_or_none(spread.coverage),
             "coverage_fraction": coverage_fraction,
         }
         if stored[name]:
@@ -219,18 +219,18 @@ def evaluate(
             hits = torch.cat([part_hits(maps[s:s + 256], threshold, frac[s:s + 256], iou_threshold=iou_threshold)
                               for s in range(0, maps.shape[0], 256)])  # (N, D, K), in chunks of float32 maps
             scored = part_interpretability(hits, torch.cat(presence), label, categories)
-            entry["part_interpretability"] = _finite(scored.mean)
+            entry["part_interpretability"] = finite_or_none(scored.mean)
             entry["part_interpretability_per_part"] = {
-                n: _finite(v) for n, v in zip(landmark_names, scored.per_part.tolist())}
+                n: finite_or_none(v) for n, v in zip(landmark_names, scored.per_part.tolist())}
         if categories is not None:
             entry["category_histogram"] = category_histogram(categories, classes)
             entry["filter_category"] = [int(c) for c in categories.tolist()]
-        entry["per_filter"] = [_finite(v) for v in per_filter.tolist()]
-        entry["geometry"] = _geometry_json(geometry[name], map_size[name])
+        entry["per_filter"] = [finite_or_none(v) for v in per_filter.tolist()]
+        entry["geometry"] = geometry[name].to_json(map_size[name])
         result_layers[name] = entry
 
     return {
-        "accuracy": _finite(accuracy(torch.cat(preds), label)),
+        "accuracy": finite_or_none(accuracy(torch.cat(preds), label)),
         "location_instability": result_layers[layers[0]]["location_instability"],
         "num_images": int(label.numel()),
         "protocol": protocol,
@@ -258,13 +258,3 @@ def _categories(
     return None
 
 
-def _finite(v: float) -> float | None:
-    v = float(v)
-    return v if math.isfinite(v) else None
-
-
-def _geometry_json(g: LayerGeometry, size: tuple[int, int]) -> dict[str, list]:
-    out = {"offset": list(g.offset), "stride": list(g.stride), "map_size": list(size)}
-    if g.size is not None:
-        out["receptive_field"] = list(g.size)
-    return out

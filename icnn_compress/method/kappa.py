@@ -115,7 +115,7 @@ class CollapseGuard:
     A collapse is: a non-finite loss; dead filters (silent on every image of the epoch) jumping by more
     than ``dead_jump`` of a layer's filters (at least 2) over the last good epoch; the training loss
     rising above ``loss_spike`` times the last good epoch's; validation accuracy falling more than
-    ``acc_drop`` points below the best so far; or R at the top masked layer reaching ``r_collapse``
+    ``acc_drop`` (a fraction: 0.15 is 15 points) below the best so far; or R at the top masked layer reaching ``r_collapse``
     (the injected gradient swamping the task's: the model degrades before any filter dies). The caller
     then restores the last good state and calls :meth:`back_off`, which lowers κ₀ by ``factor``, or, after
     an R verdict, by as much as puts R back on ``r_target`` when that is more.
@@ -127,7 +127,7 @@ class CollapseGuard:
         enabled: bool,
         dead_jump: float = 0.1,
         loss_spike: float = 2.0,
-        acc_drop: float = 15.0,
+        acc_drop: float = 0.15,
         factor: float = 1 / 3,
         max_backoffs: int = 5,
         initial: dict | None = None,
@@ -168,7 +168,7 @@ class CollapseGuard:
             return f"the training loss spiked to {loss:.3g} from {last['train_loss']:.3g}"
         acc = record.get("val_acc")
         if acc is not None and acc < self.best_acc - self.acc_drop:
-            return f"validation accuracy fell to {acc:.1f}% from {self.best_acc:.1f}%"
+            return f"validation accuracy fell to {100 * acc:.1f}% from {100 * self.best_acc:.1f}%"
         name, top = next(iter(record.get("layers", {}).items()), (None, {}))
         r = top.get("R")
         if r is not None and r >= self.r_collapse:

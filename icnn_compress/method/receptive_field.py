@@ -68,6 +68,15 @@ class LayerGeometry:
         x = self.offset[1] + rc[..., 1] * self.stride[1]
         return torch.stack((x, y), dim=-1)
 
+    def to_json(self, map_size: tuple[int, int] | None = None) -> dict[str, list | None]:
+        """The geometry as plain JSON lists: ``offset``, ``stride``, ``receptive_field`` (null when unknown) and,
+        when given, the ``map_size`` of the layer's output grid."""
+        out: dict[str, list | None] = {"offset": list(self.offset), "stride": list(self.stride),
+                                       "receptive_field": list(self.size) if self.size else None}
+        if map_size is not None:
+            out["map_size"] = list(map_size)
+        return out
+
     def containing_cell(self, xy: torch.Tensor, map_size: int | tuple[int, int]) -> torch.Tensor:
         """Return the ``(..., 2)`` long ``(row, col)`` of the cell whose centre is nearest to pixels ``xy`` ``(..., 2)``.
 

@@ -14,8 +14,8 @@ Which architectures are known, and how each is built: :mod:`icnn_compress.models
 from __future__ import annotations
 
 import logging
-from typing import Any
 from collections import OrderedDict
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,8 +31,11 @@ from icnn_compress.models.registry import (
     build_base_model,
     check_trusted,
 )
+from icnn_compress.runtime.device import eval_mode
 
-__all__ = ["MIN_TOP_CELLS", "build_model", "find_top_layer", "interpretable_layers", "make_interpretable"]
+__all__ = [
+    "MIN_TOP_CELLS", "build_model", "classifier_name", "find_top_layer", "interpretable_layers", "make_interpretable",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +77,8 @@ def _probe(model: nn.Module, layer: str, image_size: int) -> tuple[Tensor, bool]
             seen.append((out.clone() if tensor else out, out, out._version if tensor else 0))
 
     handle = _get(model, layer).register_forward_hook(hook)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(_probe_image(image_size))
     except RuntimeError as exc:  # e.g. a pool's output of 0x0: the images are too small for the network
         if not seen:
@@ -87,7 +88,6 @@ def _probe(model: nn.Module, layer: str, image_size: int) -> tuple[Tensor, bool]
                          "data.image_size") from None
     finally:
         handle.remove()
-        model.train(was_training)
     out, original, version = seen[0] if seen else (None, None, 0)
     if not isinstance(out, Tensor) or out.dim() != 4:
         raise ModelError(f"{layer}'s output is not a (B, C, h, w) feature map "
@@ -128,10 +128,8 @@ def find_top_layer(model: nn.Module, *, image_size: int) -> str:
         order.append(("end", name, tuple(out.shape) if isinstance(out, Tensor) and not passthrough else None))
 
     handles = [h for mod in names for h in (mod.register_forward_pre_hook(pre), mod.register_forward_hook(post))]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(_probe_image(image_size))
     except RuntimeError as exc:
         raise ModelError(f"the model cannot run on {image_size}x{image_size} images ({exc}); raise "
@@ -139,7 +137,6 @@ def find_top_layer(model: nn.Module, *, image_size: int) -> str:
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     # the classifier: the last layer with weights of its own to start running
     weighted = {name for mod, name in names.items() if next(mod.parameters(recurse=False), None) is not None}
     head_start = max((i for i, (event, name, _) in enumerate(order) if event == "start" and name in weighted),
@@ -199,7 +196,7 @@ def make_interpretable(
         raise ModelError(f"variant must be one of {VARIANTS}, got {variant!r}")
     spec = ARCHITECTURES.get(arch)
     if spec is None or spec.head is None:  # timm, user CNNs and the found families keep their own head
-        head = _classifier(model)
+        head = classifier_name(model)
     if top_layer:
         top = top_layer
     elif spec is not None and spec.top_layer is not None:
@@ -245,7 +242,7 @@ def make_interpretable(
     return layout
 
 
-def _classifier(model: nn.Module) -> str:
+def classifier_name(model: nn.Module) -> str:
     """The name of the layer that produces the logits: the last Linear registered, else the last conv."""
     layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     layers = layers or [n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]

@@ -4,7 +4,7 @@ from icnn_compress.errors import PruningError
 from icnn_compress.models.pruned import HISTORY_FORMAT, MaskPruner, apply_pruning_history
 
 from ._graph import classifier_layer, count_macs, prune_model, round_targets
-from ._importance import CRITERIA, ICNNImportance, RawFPGMImportance, make_importance
+from ._importance import CRITERIA, ICNNImportance, RawFPGMImportance, make_importance, register_criterion
 from ._run import prune_run
 from ._scores import FilterScores, analysis_settings, flag_counts, icnn_layer_scores, load_filter_scores
 
@@ -26,5 +26,6 @@ __all__ = [
     "make_importance",
     "prune_model",
     "prune_run",
+    "register_criterion",
     "round_targets",
 ]

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from icnn_compress.errors import PruningError
 from icnn_compress.method.mask import InterpretableMask
 from icnn_compress.models.pruned import HISTORY_FORMAT, MaskPruner, graph_kwargs
+from icnn_compress.models.surgery import classifier_name
 
 from ._importance import ICNNImportance
 
@@ -26,12 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def classifier_layer(model: nn.Module) -> nn.Module:
-    """The layer that produces the logits: the last Linear (or, without one, the last conv) registered."""
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    layers = layers or [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-    if not layers:
-        raise PruningError("the model has no Linear or conv layer to prune")
-    return layers[-1]
+    """The layer that produces the logits (:func:`~icnn_compress.models.surgery.classifier_name`): never pruned."""
+    return model.get_submodule(classifier_name(model))
 
 
 def count_macs(model: nn.Module, example_inputs: Tensor) -> tuple[int, int]:

@@ -8,22 +8,33 @@ within a group: pruning is local, every group loses the same fraction of channel
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from icnn_compress.config import CRITERIA
+from icnn_compress.errors import PruningError
 from icnn_compress.method.mask import InterpretableMask
 from icnn_compress.models.pruned import OUT_HANDLERS, MaskPruner, channel_width
 
-from icnn_compress.errors import PruningError
-
 from ._scores import FilterScores, icnn_layer_scores
 
-__all__ = ["CRITERIA", "ICNNImportance", "RawFPGMImportance", "make_importance", "producing_conv"]
+__all__ = [
+    "CRITERIA", "ICNNImportance", "RawFPGMImportance", "make_importance", "producing_conv", "register_criterion",
+]
 
-CRITERIA = ("icnn", "icnn-l1", "l1", "fpgm", "taylor", "random")
+# Every criterion's builder, by name (timm's register_model in miniature): builder(scores, mask_pruner).
+_CRITERIA: dict[str, Callable[[Mapping[str, Sequence[FilterScores]] | None, MaskPruner], tp.importance.Importance]] = {}
+
+
+def register_criterion(name: str):
+    """Decorator: register ``builder(scores, mask_pruner) -> Importance`` as pruning criterion ``name``."""
+    def add(builder):
+        _CRITERIA[name] = builder
+        return builder
+    return add
 
 
 def producing_conv(model: nn.Module, name: str) -> nn.Module | None:
@@ -199,16 +210,23 @@ def make_importance(
     ``icnn-l1``: the same for the filters the analysis flags (silent, redundant twins), then L1
     magnitude for the others (``rest="magnitude"``).
     """
-    if criterion in ("icnn", "icnn-l1"):
+    if criterion not in _CRITERIA:
+        raise PruningError(f"unknown criterion {criterion!r}: use one of {', '.join(CRITERIA)}")
+    return _CRITERIA[criterion](scores, mask_pruner)
+
+
+def _icnn(criterion: str, rest: str):
+    def build(scores, mask_pruner):
         if not scores:
             raise PruningError(f"the {criterion} criterion needs the analysis of the run (--analysis analysis.json)")
-        return ICNNImportance(scores, mask_pruner, rest="magnitude" if criterion == "icnn-l1" else "exclusivity")
-    if criterion == "l1":
-        return tp.importance.MagnitudeImportance(p=1)
-    if criterion == "fpgm":
-        return RawFPGMImportance(p=2)
-    if criterion == "taylor":
-        return tp.importance.TaylorImportance()
-    if criterion == "random":
-        return tp.importance.RandomImportance()
-    raise PruningError(f"unknown criterion {criterion!r}: use one of {', '.join(CRITERIA)}")
+        return ICNNImportance(scores, mask_pruner, rest=rest)
+    return build
+
+
+register_criterion("icnn")(_icnn("icnn", "exclusivity"))
+register_criterion("icnn-l1")(_icnn("icnn-l1", "magnitude"))
+register_criterion("l1")(lambda scores, mask_pruner: tp.importance.MagnitudeImportance(p=1))
+register_criterion("fpgm")(lambda scores, mask_pruner: RawFPGMImportance(p=2))
+register_criterion("taylor")(lambda scores, mask_pruner: tp.importance.TaylorImportance())
+register_criterion("random")(lambda scores, mask_pruner: tp.importance.RandomImportance())
+assert tuple(_CRITERIA) == CRITERIA, "config.CRITERIA names the registered criteria, in order"

@@ -197,8 +197,8 @@ def prune_run(
         history.update(criterion=settings.criterion, source=str(run), seed=seed,
                        analysis=str(analysis) if isinstance(analysis, (str, Path)) else None)
         acc_pruned = validate(model, test, dev, amp=False, channels_last=False)
-        log.info("pruned with %s to %.3f MACs: accuracy %.2f -> %.2f", settings.criterion, history["macs_ratio"],
-                 acc_before, acc_pruned)
+        log.info("pruned with %s to %.3f MACs: accuracy %.2f%% -> %.2f%%", settings.criterion, history["macs_ratio"],
+                 100 * acc_before, 100 * acc_pruned)
 
         acc_recovered = None
         if settings.recover_epochs > 0:

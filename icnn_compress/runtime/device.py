@@ -1,9 +1,12 @@
-"""Devices and seeds: resolving "auto", seeding torch, saving and restoring the generators a resume continues."""
+"""Devices and modes: resolving "auto", seeding torch, the generators a resume continues, a model in eval mode."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from icnn_compress.errors import TrainingError
 
@@ -42,3 +45,14 @@ def seed_everything(seed: int, *, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block ``model`` is in eval mode; afterwards it is back in the mode it was in (errors too)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -138,8 +138,8 @@ def _finetune(recipe: Recipe, run: RunDir, arm: str, resume: bool, force: bool, 
             good = _snapshot(model, optimizer)
             if main:
                 append_jsonl(run.metrics_path, record)
-                log.info("epoch %d: loss %.4f acc %.2f val %.2f", epoch, record["train_loss"], record["train_acc"],
-                         record["val_acc"])
+                log.info("epoch %d: loss %.4f acc %.2f%% val %.2f%%", epoch, record["train_loss"], 100 * record["train_acc"],
+                         100 * record["val_acc"])
                 atomic_save({"model": good[0], "optimizer": good[1], "epoch": epoch, "kappa": kappa0,
                              "calibration": calibration, "record": record, "settings": settings,
                              **rng_states(setup.device)}, run.last_path)

@@ -56,7 +56,7 @@ def _to(batch: dict, device: torch.device, channels_last: bool, hflip: bool = Fa
 
 @torch.inference_mode()
 def validate(model: nn.Module, data: DataLoader, device: torch.device, *, amp: bool, channels_last: bool) -> float:
-    """Top-1 accuracy (%) of ``model`` on ``data``."""
+    """Top-1 accuracy of ``model`` on ``data``, a fraction in [0, 1]."""
     model.eval()
     correct = torch.zeros((), device=device, dtype=torch.long)
     total = 0
@@ -69,14 +69,14 @@ def validate(model: nn.Module, data: DataLoader, device: torch.device, *, amp: b
     if is_distributed():  # each rank saw its own shard of the split (see loader)
         counts = all_reduce_sum(torch.stack((correct, torch.tensor(total, device=device))))
         correct, total = counts[0], int(counts[1])
-    return 100.0 * correct.item() / max(total, 1)
+    return correct.item() / max(total, 1)
 
 
 def validate_filters(
     model: nn.Module, data: DataLoader, device: torch.device, masks: dict[str, nn.Module], *, amp: bool,
     channels_last: bool,
 ) -> tuple[float, dict[str, int]]:
-    """Accuracy (%) and, per masked layer, the filters silent on every validation image (dead).
+    """Accuracy (a fraction) and, per masked layer, the filters silent on every validation image (dead).
 
     Dead filters are counted on the model as it stands after the epoch: a filter killed late in an
     epoch looks alive in that epoch's training statistics.
@@ -171,7 +171,7 @@ def _train_epoch(
         sums = all_reduce_sum(torch.stack((total_loss.double(), correct.double(),
                                            torch.tensor(float(seen), device=device, dtype=torch.float64))))
         total_loss, correct, seen = sums[0], sums[1], int(sums[2])
-    return {"train_loss": float(total_loss) / max(seen, 1), "train_acc": 100.0 * float(correct) / max(seen, 1)}
+    return {"train_loss": float(total_loss) / max(seen, 1), "train_acc": float(correct) / max(seen, 1)}
 
 
 # A mean cross-entropy this large is a diverged run, finite or not (a random classifier's is ln(classes)).

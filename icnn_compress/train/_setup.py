@@ -16,7 +16,7 @@ from icnn_compress.errors import DatasetError, ModelError, TrainingError
 from icnn_compress.method.filter_loss import FilterLoss
 from icnn_compress.models.state_dict import load_state_dict_checked, read_state_dict
 from icnn_compress.models.registry import build_base_model
-from icnn_compress.models.surgery import make_interpretable
+from icnn_compress.models.surgery import classifier_name, make_interpretable
 from icnn_compress.runtime.device import resolve_device, seed_everything
 from icnn_compress.runtime.distributed import barrier, init_distributed, is_main
 from icnn_compress.runtime.loader import make_loader
@@ -122,8 +122,9 @@ def build_for_recipe(recipe: Recipe, *, arm: str, classes: list[str], image_size
 
 
 def _head_keys(model: nn.Module) -> list[str]:
-    """State-dict keys of the model's last Linear (or last parameterised) layer: what model.reset_head frees."""
-    last = [n for n, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))][-1]
+    """State-dict keys of the model's classifier (:func:`~icnn_compress.models.surgery.classifier_name`): what
+    model.reset_head frees."""
+    last = classifier_name(model)
     return [f"{last}.weight", f"{last}.bias"]
 
 
