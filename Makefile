@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/icnn demo --out runs/demo
 
 test: $(STAMP) system-packages
+	$(PY) -m mypy icnn_compress/method icnn_compress/runs
 	$(PY) -m pytest -q
 
 # Tests that need a missing package skip with the same one-line advice, and fail under CI=true.

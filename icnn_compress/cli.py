@@ -20,7 +20,8 @@ __all__ = ["main"]
 
 log = logging.getLogger("icnn_compress")
 
-DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.toml"
+# Shipped inside the package (package data), so that `icnn demo` runs from an installed wheel too.
+DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "quickstart.toml"
 
 
 def _recipe(args: argparse.Namespace):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+
 
 import torch
 
@@ -16,6 +16,7 @@ from icnn_compress.method.evaluation import evaluate
 from icnn_compress.method.protocol import class_rule_for, learned_classes
 from icnn_compress.runs.folder import check_output
 from icnn_compress.runs.open import default_layers, open_run, say_what_needs_landmarks
+from icnn_compress.runs.results import EvaluateResult
 from icnn_compress.runtime.device import resolve_device
 from icnn_compress.runtime.files import atomic_write_text
 from icnn_compress.runtime.loader import make_loader
@@ -33,7 +34,7 @@ def evaluate_run(
     device: str | torch.device = "auto",
     progress: bool = False,
     trust_code: bool = False,
-) -> dict[str, Any]:
+) -> EvaluateResult:
     """Evaluate a run directory's ``model.pt`` on a split of its dataset (or ``data_root``).
 
     Measures every masked layer of the model under ``protocol`` (None: the recipe's ``eval.protocol``,

@@ -31,6 +31,7 @@ from icnn_compress.data.recipe import open_split, relocate, task_object
 from icnn_compress.errors import ExportError, ParityError, VerifyError
 from icnn_compress.runs.folder import check_output
 from icnn_compress.runs.open import load_run_model
+from icnn_compress.runs.results import ExportRecord
 from icnn_compress.runtime.files import atomic_path, atomic_write_text, sha256_file
 
 __all__ = ["INT8_MIN_AGREEMENT", "ExportError", "ParityError", "VerifyError", "export_onnx", "onnx_accuracy",
@@ -225,7 +226,7 @@ def export_onnx(
     int8_agreement: float = INT8_MIN_AGREEMENT,
     parity_json: str | Path | None = None,
     trust_code: bool = False,
-) -> dict[str, Any]:
+) -> ExportRecord:
     """Export a run's model (or a model) to ONNX at ``out``, check it, prove parity; return the ``parity.json`` record.
 
     The record holds the sha256 of each file it checked (``sha256``, ``int8.sha256``); ``passed`` is the fp32

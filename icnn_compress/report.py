@@ -10,7 +10,6 @@ Every image is embedded as a base64 ``data:`` URI, so the page is one file that 
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from collections.abc import Sequence
@@ -18,10 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from markupsafe import Markup
 
 from icnn_compress.runtime.files import atomic_write_text, data_uri
+from icnn_compress.runtime.templates import macro, render
 
 __all__ = ["build_report", "render_analysis", "report", "report_sections", "write_plots"]
+
+_TEMPLATE = "analysis.html.j2"
 
 _SUMMARY_ROWS = [
     ("num_filters", "filters"),
@@ -158,18 +161,15 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
-def _img(path: Path, alt: str, cls: str = "plot") -> str:
-    return f'<img class="{cls}" alt="{html.escape(alt)}" src="{data_uri(path)}">'
-
-
 def _fmt(v: Any) -> str:
+    """A table cell's text (escaped by the template): – for a missing or non-finite value."""
     if v is None:
         return "–"
     if isinstance(v, bool):
         return "yes" if v else ""
     if isinstance(v, float):
         return "–" if not math.isfinite(v) else f"{v:.3f}"
-    return html.escape(str(v))
+    return str(v)
 
 
 def report_sections(analysis_dir: str | Path, *, baseline: str | Path | None = None,
@@ -182,35 +182,19 @@ def report_sections(analysis_dir: str | Path, *, baseline: str | Path | None = N
         write_plots(root, baseline=baseline)
     s = doc["summary"]
     name = s.get("arm") or root.name
-    sections: list[tuple[str, str]] = []
-    head = (f"<p>run <code>{_fmt(s.get('run'))}</code>, split {_fmt(s.get('split'))}, "
-            f"{s['num_images']} images, accuracy {_fmt(s.get('accuracy'))}%</p>")
-    rows = "".join(
-        f"<tr><th>{html.escape(label)}</th>" + "".join(f"<td>{_fmt(l.get(key))}</td>" for l in s["layers"].values()) + "</tr>"
-        for key, label in _SUMMARY_ROWS)
-    cols = "".join(f"<th>{html.escape(layer)}</th>" for layer in s["layers"])
-    sections.append((f"{name}: summary", head + f'<table class="summary"><tr><th></th>{cols}</tr>{rows}</table>'))
+    accuracy = s.get("accuracy")
+    sections: list[tuple[str, str]] = [
+        (f"{name}: summary", str(macro(_TEMPLATE, "summary")(s, None if accuracy is None else 100 * accuracy,
+                                                             _SUMMARY_ROWS, _fmt)))]
     for layer, summ in s["layers"].items():
-        parts = []
-        for suffix, alt in (("distributions", "distributions"), ("redundancy", "redundancy heat map"),
-                            ("instability", "instability vs baseline")):
-            p = plots / f"{_safe(layer)}_{suffix}.png"
-            if p.is_file():
-                parts.append(_img(p, f"{layer} {alt}"))
-        clusters = summ.get("clusters", [])
-        if clusters:
-            items = "".join(f"<li>best {c['best']}: {', '.join(map(str, c['members']))}</li>" for c in clusters[:50])
-            parts.append(f"<details><summary>{len(clusters)} redundancy clusters</summary><ul>{items}</ul></details>")
-        sections.append((f"{name}: {layer}", "".join(parts)))
+        images = [(data_uri(p), f"{layer} {alt}") for suffix, alt in (
+            ("distributions", "distributions"), ("redundancy", "redundancy heat map"),
+            ("instability", "instability vs baseline")) if (p := plots / f"{_safe(layer)}_{suffix}.png").is_file()]
+        sections.append((f"{name}: {layer}", str(macro(_TEMPLATE, "layer")(images, summ.get("clusters", [])))))
         filters = [f for f in doc["filters"] if f["layer"] == layer][:max_table_rows]
-        header = "".join(f"<th>{h}</th>" for _, h in _FILTER_COLUMNS)
-        body = "".join("<tr>" + "".join(f"<td>{_fmt(f.get(k))}</td>" for k, _ in _FILTER_COLUMNS) + "</tr>" for f in filters)
-        table = f'<div class="scroll"><table class="filters"><tr>{header}</tr>{body}</table></div>'
         gallery = root / "gallery" / f"{_safe(layer)}.jpg"
-        if gallery.is_file():
-            table += ('<p>Top images per filter (row = filter index), cropped to the peak cell\'s receptive field; '
-                      'the red circle marks the peak.</p><div class="scroll gallery">' + _img(gallery, f"{layer} gallery", "gallery") + "</div>")
-        sections.append((f"{name}: {layer} filters", table))
+        sections.append((f"{name}: {layer} filters", str(macro(_TEMPLATE, "filters")(
+            _FILTER_COLUMNS, filters, _fmt, data_uri(gallery) if gallery.is_file() else None, layer))))
     return sections
 
 
@@ -235,7 +219,8 @@ def build_report(out: str | Path, *, analyses: Sequence[str | Path], extra_secti
         out: output directory (created), or a path ending in ``.html``.
         analyses: analysis directories, one column each (left to right).
         extra_sections: ``(title, html_fragment)`` appended full width, e.g.
-            ``[("", compare_html_section(compare_dir))]``; an empty title adds no heading.
+            ``[("", compare_html_section(compare_dir))]``; an empty title adds no heading. The fragments are
+            HTML and go in as they are; everything else on the page is escaped.
         baseline: an analysis directory whose instability the others are plotted against.
         title: the page title.
     """
@@ -247,31 +232,19 @@ def build_report(out: str | Path, *, analyses: Sequence[str | Path], extra_secti
     columns = []
     for a in analyses:
         base = baseline if baseline is not None and Path(baseline).resolve() != Path(a).resolve() else None
-        secs = report_sections(a, baseline=base)
-        columns.append("<div>" + "".join(f"<h2>{html.escape(t)}</h2>{frag}" for t, frag in secs) + "</div>")
-    body = [f"<h1>{html.escape(title)}</h1>"]
-    if len(analyses) > 1:
-        body.append(_comparison_table(analyses))
-    body.append(f'<div class="columns" style="--n: {max(1, len(columns))}">{"".join(columns)}</div>')
-    # An empty title appends the fragment as is (e.g. compare.compare_html_section, which has its own <h2>).
-    body += [(f"<h2>{html.escape(t)}</h2>" if t else "") + frag for t, frag in extra_sections]
-    text = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-            + "".join(body) + "</body></html>\n")
-
-    atomic_write_text(page, text)
+        columns.append([(t, Markup(frag)) for t, frag in report_sections(a, baseline=base)])
+    text = render("report.html.j2", title=title, css=Markup(_CSS), columns=columns,
+                  side_by_side=_comparison_table(analyses) if len(analyses) > 1 else None,
+                  extra_sections=[(t, Markup(frag)) for t, frag in extra_sections])
+    atomic_write_text(page, text.rstrip("\n") + "\n")
     return page
 
 
-def _comparison_table(analyses: Sequence[str | Path]) -> str:
+def _comparison_table(analyses: Sequence[str | Path]) -> Markup:
     docs = [(_load(a)["summary"], Path(a)) for a in analyses]
     layers = [layer for layer in docs[0][0]["layers"] if all(layer in d["layers"] for d, _ in docs)]
-    head = "".join(f"<th>{html.escape(layer)}<br>{html.escape(d.get('arm') or p.name)}</th>" for layer in layers for d, p in docs)
-    rows = "".join(
-        f"<tr><th>{html.escape(label)}</th>"
-        + "".join(f"<td>{_fmt(d['layers'][layer].get(key))}</td>" for layer in layers for d, _ in docs) + "</tr>"
-        for key, label in _SUMMARY_ROWS)
-    return f'<h2>Side by side</h2><table class="summary"><tr><th></th>{head}</tr>{rows}</table>'
+    return macro(_TEMPLATE, "side_by_side")(layers, [(d, d.get("arm") or p.name) for d, p in docs],
+                                            _SUMMARY_ROWS, _fmt)
 
 
 def render_analysis(analysis_dir: str | Path, *, baseline: str | Path | None = None) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -12,6 +11,8 @@ from typing import Any
 import torch
 
 from icnn_compress.runtime.files import data_uri
+from icnn_compress.runtime.templates import render
+
 from ._explainers import REFERENCE_EXPLAINERS
 
 __all__ = ["compare_html_section", "format_compare_table", "format_drift_table", "plot_grid"]
@@ -204,19 +205,6 @@ def compare_html_section(compare_dir: str | Path) -> str:
         raise FileNotFoundError(f"{file} does not exist; run `icnn compare RUN --out {folder}` first")
     result = json.loads(file.read_text())
     header, rows, notes = _rows(result)
-    esc = html.escape
-    parts = ['<section class="icnn-compare" id="compare">',
-             "<h2>Explanations compared: the ICNN's own maps and Captum's methods</h2>",
-             "<table>",
-             "<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead>",
-             "<tbody>"]
-    parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
-    parts += ["</tbody>", "</table>", "<ul>"] + [f"<li>{esc(n)}</li>" for n in notes] + ["</ul>"]
-    figure = folder / result.get("figure", "compare.png")  # runs before the JPEG figure named a PNG
-    if figure.is_file():
-        parts.append(f'<figure><img alt="images by explainers, landmarks circled, map peak marked x" '
-                     f'style="max-width:100%" src="{data_uri(figure)}">'
-                     "<figcaption>Rows: test images; columns: each model's explainers (map over the image, "
-                     "landmarks circled, peak marked ×).</figcaption></figure>")
-    parts.append("</section>")
-    return "\n".join(parts)
+    figure = folder / result["figure"]
+    return render("compare.html.j2", header=header, rows=rows, notes=notes,
+                  figure=data_uri(figure) if figure.is_file() else None).rstrip("\n")

@@ -15,6 +15,7 @@ from torch import Tensor
 from icnn_compress.errors import CompareError
 from icnn_compress.runs.folder import check_output
 from icnn_compress.runs.open import open_run
+from icnn_compress.runs.results import CompareResult
 from icnn_compress.runtime.device import resolve_device
 from icnn_compress.runtime.files import atomic_write_text
 from icnn_compress.runtime.loader import make_loader
@@ -67,7 +68,7 @@ def compare_run(
     figure_images: int = 6,
     progress: bool = False,
     trust_code: bool = False,
-) -> dict[str, Any]:
+) -> CompareResult:
     """Compare the explainers on a run's model (and on ``baseline_run``'s); write ``out/compare.{json,md,png}``.
 
     Both models see the same ``limit`` images, spread evenly over the split (``None``: all), with the

@@ -20,6 +20,7 @@ from icnn_compress.models.registry import PLAIN
 from icnn_compress.runs.folder import check_output, locked
 from icnn_compress.runs.model_file import RESERVED_KEYS, RunDir, save_model_file
 from icnn_compress.runs.open import load_run_model
+from icnn_compress.runs.results import PruningRecord
 from icnn_compress.runtime.device import resolve_device
 from icnn_compress.runtime.files import atomic_write_text
 from icnn_compress.runtime.loader import make_loader
@@ -91,7 +92,7 @@ def prune_run(
     resume: bool = False,
     progress: bool = True,
     trust_code: bool = False,
-) -> dict[str, Any]:
+) -> PruningRecord:
     """Prune a run's ``model.pt`` to ``target_macs`` × its MACs, optionally recover, and write run directory ``out``.
 
     ``out`` becomes a run directory like any other (``model.pt`` loads with :func:`load_run_model`, so it

@@ -16,10 +16,10 @@ from typing import Any
 
 from torch import nn
 
-from icnn_compress.models.state_dict import load_state_dict_checked, read_state_dict
 from icnn_compress.config import DataConfig, ModelConfig, Recipe, recipe_to_dict
 from icnn_compress.errors import CheckpointError, ModelError
 from icnn_compress.models.registry import ARCHITECTURES, PLAIN, build_base_model
+from icnn_compress.models.state_dict import load_state_dict_checked, read_state_dict
 
 __all__ = ["PlainCheckpoint"]
 

@@ -14,10 +14,11 @@ from torch import nn
 from icnn_compress.config import Recipe, recipe_to_dict, recipe_to_toml
 from icnn_compress.data.recipe import task_object
 from icnn_compress.errors import TrainingError
-from icnn_compress.method.kappa import R_BANDS, R_COLLAPSE, CollapseGuard, calibrate_kappa
 from icnn_compress.method.filter_loss import FilterLoss
+from icnn_compress.method.kappa import R_BANDS, R_COLLAPSE, CollapseGuard, calibrate_kappa
 from icnn_compress.models.registry import PLAIN, with_model_normalization
 from icnn_compress.runs.model_file import RunDir, save_model_file
+from icnn_compress.runs.results import EpochRecord
 from icnn_compress.runtime.device import rng_states
 from icnn_compress.runtime.distributed import barrier, broadcast_object, is_main
 from icnn_compress.runtime.files import append_jsonl, atomic_save, atomic_write_text
@@ -67,7 +68,7 @@ def finetune(
     model: nn.Module | None = None,
     architecture: dict | None = None,
     extra: dict | None = None,
-) -> dict:
+) -> EpochRecord:
     """Fine-tune the recipe's model as ``arm`` into run directory ``out``; return the final epoch's record.
 
     Writes ``recipe.toml`` (resolved), ``metrics.jsonl`` (one record per epoch), ``last.pt`` after each

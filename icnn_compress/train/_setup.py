@@ -14,8 +14,8 @@ from icnn_compress.data.cub import CubDataset
 from icnn_compress.data.recipe import open_split, task_object
 from icnn_compress.errors import DatasetError, ModelError, TrainingError
 from icnn_compress.method.filter_loss import FilterLoss
-from icnn_compress.models.state_dict import load_state_dict_checked, read_state_dict
 from icnn_compress.models.registry import build_base_model
+from icnn_compress.models.state_dict import load_state_dict_checked, read_state_dict
 from icnn_compress.models.surgery import classifier_name, make_interpretable
 from icnn_compress.runtime.device import resolve_device, seed_everything
 from icnn_compress.runtime.distributed import barrier, init_distributed, is_main
