@@ -4,6 +4,7 @@ fine-tune with the filter loss + pruning of the silent and redundant filters, ov
     python benchmarks/compress_study.py recipes/quickstart.toml --out runs/q/study --seeds 0 1 2
         [--checkpoint runs/q/plain/model.pth] [--targets 0.7 0.5 0.3]
         [--baseline-criteria l1 taylor fpgm random] [--icnn-criteria icnn icnn-l1] [--steps 1 3]
+        [--steps-targets 0.5] [--steps-criteria l1 icnn]
         [--auto] [--count-arms baseline masks-only icnn] [--recover-epochs R] [--drift-images 32]
         [--no-latency] [--no-drift] [--no-interpretability] [--set SECTION.KEY=VALUE ...]
 
@@ -17,7 +18,8 @@ Per training seed ``s`` (``train.seed``), from the same checkpoint (the recipe's
 
 Both pipelines fine-tune ``train.epochs`` and recover ``--recover-epochs`` (default: the recipe's
 ``prune.recover_epochs``) after pruning: the same total epoch budget. ``--steps N`` adds iterative pruning (N
-rounds of prune + recovery sharing the same recovery epochs) beside one-shot. ``--auto`` adds ``icnn prune
+rounds of prune + recovery sharing the same recovery epochs) beside one-shot, at every target and criterion or
+only at ``--steps-targets`` / for ``--steps-criteria``. ``--auto`` adds ``icnn prune
 --target-macs auto`` on the ICNN arm (exactly the flagged filters, then the same recovery).
 
 For every pruned model: test accuracy after recovery, MACs ratio, ONNX Runtime CPU latency against its
@@ -159,7 +161,9 @@ def run_study(args: argparse.Namespace) -> dict:
                     for arm, run in runs.items()}
         for arm in args.count_arms:
             counts.append({"arm": arm, "seed": seed, **_counts(runs[arm], analyses[arm], seed)})
-        jobs = [(p, c, t, k) for t in args.targets for k in args.steps for p, c in plan]
+        jobs = [(p, c, t, k) for t in args.targets for k in args.steps for p, c in plan
+                if k == 1 or ((args.steps_targets is None or t in args.steps_targets)
+                              and (args.steps_criteria is None or c in args.steps_criteria))]
         jobs += [("icnn", "icnn", "auto", 1)] if args.auto else []
         for pipeline, criterion, target, steps in jobs:
             parent = runs[PIPELINE_ARM[pipeline]]
@@ -391,6 +395,10 @@ def main() -> None:
     parser.add_argument("--baseline-criteria", nargs="*", default=list(BASELINE_CRITERIA), choices=BASELINE_CRITERIA)
     parser.add_argument("--icnn-criteria", nargs="*", default=list(ICNN_CRITERIA), choices=ICNN_CRITERIA)
     parser.add_argument("--steps", type=int, nargs="+", default=[1], help="prune.steps values: 1 = one-shot")
+    parser.add_argument("--steps-targets", type=float, nargs="+", default=None,
+                        help="run the iterative (steps > 1) cells only at these targets (default: every target)")
+    parser.add_argument("--steps-criteria", nargs="+", default=None,
+                        help="run the iterative cells only for these criteria (default: every criterion)")
     parser.add_argument("--auto", action="store_true", help="also --target-macs auto on the ICNN arm")
     parser.add_argument("--count-arms", nargs="*", default=["baseline", "icnn"],
                         choices=["baseline", "masks-only", "icnn"],
