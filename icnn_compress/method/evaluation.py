@@ -137,10 +137,11 @@ def evaluate(
             idx = torch.stack((flat // w, flat % w), dim=-1)  # (B, D, 2) as (row, col)
             xy = geometry[name].cell_centres(idx.float())  # (B, D, 2) as (x, y)
             peaks[name].append((value.float().cpu(), xy.cpu()))
-            if current.get("part_masks") is not None:
+            part_masks = current.get("part_masks")
+            if part_masks is not None:
                 # What the following ReLU passes (a raw conv output can be negative); float16 halves the copy.
                 stored[name].append(x.reshape(b, d, h * w).clamp(min=0).half().cpu())
-                pooled = torch.nn.functional.adaptive_avg_pool2d(current["part_masks"], (h, w))  # (B, K, h, w)
+                pooled = torch.nn.functional.adaptive_avg_pool2d(part_masks, (h, w))  # (B, K, h, w)
                 fractions[name].append(pooled.flatten(2).half().cpu())
         return hook
 
@@ -195,8 +196,8 @@ def evaluate(
         if single_category is not None:  # the references are measured on the object's images too
             keep = label == single_category
             ref_lm, ref_vis, ref_labels = lm[keep], vis[keep], None
-        reference = dict(geometry=geometry[name], map_size=map_size[name], image_diagonal=diagonal,
-                         top_k=top_k, labels=ref_labels, drop_sparse=drop)
+        reference: dict[str, Any] = dict(geometry=geometry[name], map_size=map_size[name], image_diagonal=diagonal,
+                                         top_k=top_k, labels=ref_labels, drop_sparse=drop)
         per_filter = measured.per_filter
         spread = landmark_diversity(measured.tracked_landmark, len(landmark_names), min_fraction=coverage_fraction)
         entry: dict[str, Any] = {
@@ -247,8 +248,10 @@ def _categories(
     """Each filter's class under ``rule``, ``(D,)`` long, or None (no class rule)."""
     d = value.shape[1]
     if rule == "single-category":
+        assert single_category is not None, "the single-category rule needs the object's label"
         return fixed_classes(d, single_category)
     if rule == "given":
+        assert filter_category is not None, "the given rule needs filter_category"
         return torch.as_tensor(filter_category[name]).long().cpu()
     if rule == "released":
         return released_classes(value, label, num_classes)

@@ -135,6 +135,8 @@ class FilterLoss:
             if not mask.training:
                 return
             inject = mask.active and x.requires_grad and (kappa > 0 or measure)
+            strength: float | Tensor
+            lr: float | Tensor
             strength, lr = (1.0 if measure else kappa), step[0]
             if self.compile:
                 # Numbers that change from step to step enter the graph as 0-d (host) tensors: as Python
@@ -167,8 +169,10 @@ class FilterLoss:
         kappa: float,
         measure: bool,
     ) -> None:
+        assert out.w_pos is not None and out.w_neg is not None, "filter_loss_step(inject=True) returns the weights"
         strength = 1.0 if measure else kappa
         if self.form == "reference":
+            assert out.coef_pos is not None and out.coef_neg is not None and out.neg_mi is not None
             stats.add("neg_mi", out.neg_mi.mean().float())
             stats.batches += 1
             if self.crowding > 0:  # the penalty needs the full map-sized gradient: the unfused injection

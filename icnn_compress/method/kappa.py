@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 from collections.abc import Iterable
 
 import torch
@@ -54,7 +55,7 @@ def calibrate_kappa(
     Returns a JSON-serialisable dict: ``kappa``, ``R_per_unit`` per layer, ``target_R``, ``band``,
     ``task_loss``, ``dead`` per layer (filters silent on every pilot image) and ``reason``.
     """
-    pilot = []
+    pilot: list[Any] = []
     for batch in data:
         if len(pilot) >= batches:
             break
@@ -84,7 +85,7 @@ def calibrate_kappa(
     model.load_state_dict(saved)
     ratios = {}
     for name, st in filter_loss.stats.items():
-        if st.task_sq is not None and float(st.task_sq) > 0:
+        if st.task_sq is not None and st.inj_sq is not None and float(st.task_sq) > 0:
             ratios[name] = math.sqrt(float(st.inj_sq) / float(st.task_sq))
     dead = {n: int((st.peak_max <= 0).sum()) for n, st in filter_loss.stats.items() if st.peak_max is not None}
     filter_loss.reset_stats()
@@ -169,7 +170,8 @@ class CollapseGuard:
         acc = record.get("val_acc")
         if acc is not None and acc < self.best_acc - self.acc_drop:
             return f"validation accuracy fell to {100 * acc:.1f}% from {100 * self.best_acc:.1f}%"
-        name, top = next(iter(record.get("layers", {}).items()), (None, {}))
+        layers: dict[str, dict[str, Any]] = record.get("layers", {})
+        name, top = next(iter(layers.items()), (None, {}))
         r = top.get("R")
         if r is not None and r >= self.r_collapse:
             if self.r_target:

@@ -175,7 +175,7 @@ def beta_update(beta: Tensor, velocity: Tensor, x: Tensor, m: Tensor, rows: Tens
         # ``alpha=`` number would be specialised and recompile the graph at each step.
         velocity.mul_(momentum).add_(grad * (lr * -beta_lr))
     else:
-        velocity.mul_(momentum).add_(grad, alpha=-beta_lr * lr)
+        velocity.mul_(momentum).add_(grad, alpha=-beta_lr * lr)  # type: ignore[arg-type]  # eager: lr is a float
     beta.add_(velocity)
 
 
@@ -211,6 +211,13 @@ class InterpretableMask(nn.Module):
 
     The mask is computed without gradient (µ̂ is a constant), so backward is ``x.grad = g·m·[x∘m > 0]``.
     """
+
+    # Buffers (registered in __init__), declared for type checkers: nn.Module.__getattr__ is untyped.
+    beta: Tensor
+    beta_velocity: Tensor
+    class_peak: Tensor
+    class_seen: Tensor
+    class_freq: Tensor
 
     def __init__(
         self,
@@ -309,6 +316,7 @@ class InterpretableMask(nn.Module):
         """The filter loss' per-batch work, always eager: a compiled model breaks its graph here instead
         of tracing the hook (its statistics and closures change every batch); the hook compiles its own
         fused functions when asked (``FilterLoss(compile=True)``)."""
+        assert self._hook is not None, "_run_hook runs only while a hook is installed"
         self._hook(self, x, m, cells)
 
     @torch.no_grad()

@@ -126,7 +126,7 @@ def location_instability(
                          f"got {tuple(landmarks.shape)} and {tuple(visible.shape)}")
     if (filter_category is None) != (labels is None):
         raise ValueError("the 'cls' rule needs both filter_category and labels; pass both or neither")
-    if filter_category is not None and (filter_category.shape != (d,) or labels.shape != (n,)):
+    if filter_category is not None and labels is not None and (filter_category.shape != (d,) or labels.shape != (n,)):
         raise ValueError(f"filter_category must be (D,) = ({d},) and labels (N,) = ({n},), "
                          f"got {tuple(filter_category.shape)} and {tuple(labels.shape)}")
     if filter_mask is not None and filter_mask.shape != (n, d):
@@ -139,7 +139,7 @@ def location_instability(
     landmarks = landmarks.to(device, torch.float64)
     visible = visible.to(device, torch.bool)
     peak_xy = peak_xy.to(device, torch.float64)
-    if labels is not None:
+    if labels is not None and filter_category is not None:
         labels = labels.to(device)
         filter_category = filter_category.to(device)
     if filter_mask is not None:
@@ -156,7 +156,7 @@ def location_instability(
         e = min(d, s + chunk)
         o = order[:, s:e]  # (N, d): image indices of each filter, best first
         eligible = visible[o]  # (N, d, K)
-        if filter_category is not None:
+        if filter_category is not None and labels is not None:
             eligible = eligible & (labels[o] == filter_category[s:e])[..., None]
         if filter_mask is not None:
             eligible = eligible & filter_mask[:, s:e].gather(0, o)[..., None]

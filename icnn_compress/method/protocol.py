@@ -119,7 +119,7 @@ def read_map(point: MeasurePoint, module: nn.Module, inputs: tuple, output: obje
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"layer {point.module!r} {point.where} is {shape}, not a (B, D, n, n) map")
     if point.argmax_mask:
-        x = argmax_masked(x, module)
+        x = argmax_masked(x, module)  # type: ignore[arg-type]  # the point is a mask's (argmax_mask)
     return x
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import re
 from collections import OrderedDict
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -246,9 +247,10 @@ class _BoxConv2d(nn.Module):
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
         self.out_channels = conv.out_channels
-        self.box = nn.Conv2d(1, 1, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                             dilation=conv.dilation, bias=False, padding_mode=conv.padding_mode,
-                             dtype=torch.float64)
+        # conv's geometry is (int, int) tuples for a Conv2d; its annotations say tuple[int, ...]
+        geometry: dict[str, Any] = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+        self.box = nn.Conv2d(1, 1, conv.kernel_size, **geometry, bias=False,  # type: ignore[arg-type]
+                             padding_mode=conv.padding_mode, dtype=torch.float64)
         kh, kw = self.box.kernel_size
         self.box.weight.requires_grad_(False).fill_(1.0 / (kh * kw))
 

@@ -136,13 +136,7 @@ def prune_run(
     # One writer at a time: the recovery's fine-tune takes the same lock again (held by this process)
     with locked(out_dir.path, "prune"):
         planned, done = out_dir.path / "history.json", out_dir.path / "pruning.json"
-        # pruning.json is written last. Without it, a model.pt beside last.pt is a recovery stopped before its
-        # record (resumable); a lone model.pt is a save without recovery that stopped there: it is redone.
-        if done.exists() or (out_dir.last_path.exists() and not resume):
-            raise PruningError(f"{out_dir.path} already holds a run; choose another --out"
-                               + ("" if done.exists() else " or pass --resume to finish its recovery"))
-        if resume and not planned.exists():
-            raise PruningError(f"--resume: {out_dir.path} has no interrupted recovery (history.json)")
+        _check_out_folder(out_dir, planned, done, resume)
         # Interrupted before the first recovery epoch ended: nothing to resume from, the recovery restarts.
         resume_recovery = resume and out_dir.last_path.exists()
         began = time.perf_counter()
@@ -155,11 +149,7 @@ def prune_run(
         settings = _settings(recipe, run, target_macs=target_macs, criterion=criterion, recover_epochs=recover_epochs,
                              round_to=round_to, floor=floor, steps=steps)
         rounds = settings.steps
-        if rounds > 1 and settings.recover_epochs < rounds:
-            raise PruningError(f"steps = {rounds} rounds of prune + recovery need at least one recovery epoch each; "
-                               f"recover_epochs is {settings.recover_epochs} (raise it or lower steps)")
-        if rounds > 1 and settings.target_macs == "auto":
-            raise PruningError("target_macs = 'auto' removes the flagged filters at once: use steps = 1")
+        _check_rounds(settings)
         # an iterative pruning is not resumed: its later rounds depend on the recoveries between them
         resume_recovery = resume_recovery and rounds == 1
         data_cfg = relocate(recipe.data, data_root)
@@ -207,14 +197,8 @@ def prune_run(
                 raise PruningError(f"--resume: pruning {run} again gave another result than {planned}; "
                                    "resume with the same criterion, analysis, target and seed, or start afresh")
             atomic_write_text(planned, json.dumps(history))
-            rec = _recovery_recipe(data_recipe, saved, shares[-1], device)
-            # The checks above decided this folder is this pruning's: a recovery that is not resumed starts afresh.
-            arm = saved.get("arm", "icnn")
-            # A plain model (a checkpoint no icnn run made) recovers as it is: no masks, no filter loss,
-            # which is the baseline arm's training; its model.pt still says "plain".
-            finetune(rec, out_dir.path, arm="baseline" if arm == PLAIN else arm, resume=resume_recovery,
-                     force=not resume_recovery, progress=progress, model=model, architecture=saved["architecture"],
-                     extra={"pruning": history, **({"arm": arm} if arm == PLAIN else {})})
+            _recover(model, saved, history, _recovery_recipe(data_recipe, saved, shares[-1], device), out_dir,
+                     resume_recovery=resume_recovery, progress=progress)
             # Recovery chose on its validation split; the reported accuracy is the test split's, as above.
             acc_recovered = validate(model, test, dev, amp=False, channels_last=False)
         record = {
@@ -235,12 +219,7 @@ def prune_run(
             "history": history,
         }
         if settings.target_macs == "auto":
-            flags = flag_counts(scores or {})
-            for layer, kept in history["kept"].items():
-                if layer in flags:
-                    flags[layer]["removed"] = len(history["removed"].get(layer, []))
-                    flags[layer]["kept"] = len(kept)
-            record["auto"] = {"thresholds": analysis_settings(analysis), "layers": flags}
+            record["auto"] = _auto_counts(scores, history, analysis)
         if settings.recover_epochs == 0:
             extra = {k: v for k, v in saved.items() if k not in RESERVED_KEYS}
             save_model_file(out_dir.ensure().model_path, state_dict=model.state_dict(),
@@ -248,3 +227,46 @@ def prune_run(
                             classes=saved["classes"], extra={**extra, "pruning": history})
         atomic_write_text(done, json.dumps(record, indent=1))
         return record
+
+
+def _check_out_folder(out_dir: RunDir, planned: Path, done: Path, resume: bool) -> None:
+    """Refuse an ``out`` that holds a finished run, or a recovery to finish without ``resume``."""
+    # pruning.json is written last. Without it, a model.pt beside last.pt is a recovery stopped before its
+    # record (resumable); a lone model.pt is a save without recovery that stopped there: it is redone.
+    if done.exists() or (out_dir.last_path.exists() and not resume):
+        raise PruningError(f"{out_dir.path} already holds a run; choose another --out"
+                           + ("" if done.exists() else " or pass --resume to finish its recovery"))
+    if resume and not planned.exists():
+        raise PruningError(f"--resume: {out_dir.path} has no interrupted recovery (history.json)")
+
+
+def _check_rounds(settings: PruneConfig) -> None:
+    """Iterative pruning needs a recovery epoch per round, and a MACs target (not "auto")."""
+    rounds = settings.steps
+    if rounds > 1 and settings.recover_epochs < rounds:
+        raise PruningError(f"steps = {rounds} rounds of prune + recovery need at least one recovery epoch each; "
+                           f"recover_epochs is {settings.recover_epochs} (raise it or lower steps)")
+    if rounds > 1 and settings.target_macs == "auto":
+        raise PruningError("target_macs = 'auto' removes the flagged filters at once: use steps = 1")
+
+
+def _recover(model: nn.Module, saved: dict, history: dict, recipe: Recipe, out_dir: RunDir, *,
+             resume_recovery: bool, progress: bool) -> None:
+    """Fine-tune the pruned ``model`` into ``out_dir`` with the run's arm; its ``model.pt`` holds the history."""
+    # The checks above decided this folder is this pruning's: a recovery that is not resumed starts afresh.
+    arm = saved.get("arm", "icnn")
+    # A plain model (a checkpoint no icnn run made) recovers as it is: no masks, no filter loss,
+    # which is the baseline arm's training; its model.pt still says "plain".
+    finetune(recipe, out_dir.path, arm="baseline" if arm == PLAIN else arm, resume=resume_recovery,
+             force=not resume_recovery, progress=progress, model=model, architecture=saved["architecture"],
+             extra={"pruning": history, **({"arm": arm} if arm == PLAIN else {})})
+
+
+def _auto_counts(scores: Any, history: dict, analysis: Any) -> dict[str, Any]:
+    """``pruning.json``'s ``"auto"``: the analysis' thresholds and, per layer, the flagged, removed and kept."""
+    flags = flag_counts(scores or {})
+    for layer, kept in history["kept"].items():
+        if layer in flags:
+            flags[layer]["removed"] = len(history["removed"].get(layer, []))
+            flags[layer]["kept"] = len(kept)
+    return {"thresholds": analysis_settings(analysis), "layers": flags}

@@ -85,8 +85,9 @@ class PlainCheckpoint:
                                   f"{len(classes)} classes of {self.data.root}; measure a model on the classes it "
                                   "was trained on (or fine-tune it first: icnn finetune with model.reset_head)") from None
         top = self.top_layer
-        if top is None and self.arch in ARCHITECTURES:
-            top = ARCHITECTURES[self.arch].top_layer(model)
+        spec_top = ARCHITECTURES[self.arch].top_layer if self.arch in ARCHITECTURES else None
+        if top is None and spec_top is not None:  # a registered layout names it (None: found, for masks only)
+            top = spec_top(model)
         if top is not None and top not in dict(model.named_modules()):
             raise ModelError(f"{self.arch} has no module named {top!r}; pass a name from model.named_modules()")
         architecture = {"arch": self.arch, "num_classes": len(classes), "image_size": self.data.image_size,
