@@ -180,7 +180,8 @@ def test_cuda_analysis_matches_cpu(kw: dict) -> None:
     for f in on_gpu["filters"] + on_cpu["filters"]:
         if f["filter"] == 3:
             f.pop("top_images")
-    _assert_same(_doc(on_gpu), _doc(on_cpu), "cuda", rel=1e-6, abs=1e-9)
+    # float32 maps: exp/log and the reduction order differ between the devices in the last float32 bits
+    _assert_same(_doc(on_gpu), _doc(on_cpu), "cuda", rel=1e-5, abs=1e-6)
     assert all(m.device.type == "cpu" for m in on_gpu["matrices"]["layer"].values())
     gpu_state, cpu_state = on_gpu["state"]["layer"], on_cpu["state"]["layer"]
     assert gpu_state["n"].device.type == "cuda"  # the statistics stayed where they were summed
