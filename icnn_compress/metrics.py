@@ -58,17 +58,26 @@ class InstabilityResult:
         per_filter_landmark: ``(D, K)`` float64, ``D_{f,k}``: sample standard deviation of the normalised
             distance over the filter's top-k images containing landmark ``k``; NaN with fewer than 2.
         per_filter: ``(D,)`` float64, NaN-aware mean over landmarks (NaN when every pair is NaN).
-        mean: NaN-aware mean over filters of ``per_filter`` (the reported instability).
         tracked_landmark: ``(D,)`` long, the landmark with the smallest MEAN normalised distance over
             the same images (the part the filter tracks); ``-1`` for a filter measured on no image.
         num_images: ``(D, K)`` long, how many images entered each ``D_{f,k}``.
+
+    The tensors live on the device of the peaks; :attr:`mean` reads a number back to the host.
     """
 
     per_filter_landmark: Tensor
     per_filter: Tensor
-    mean: float
     tracked_landmark: Tensor
     num_images: Tensor
+
+    @property
+    def mean(self) -> float:
+        """NaN-aware mean over filters of ``per_filter`` (the reported instability).
+
+        Computed when read, not by :func:`location_instability`: a caller that loops over classes on a
+        GPU (:func:`min_instability_classes`) would otherwise wait for the device once per call.
+        """
+        return _nanmean_or_nan(self.per_filter)
 
 
 def accuracy(logits_or_preds: Tensor, labels: Tensor) -> float:
@@ -183,14 +192,13 @@ def location_instability(
     if drop_sparse and k:
         enough = ((count >= 2) | ~present).all(dim=1)
         per_filter = torch.where(enough, per_filter, float("nan"))
-    mean = torch.nanmean(per_filter).item() if d else float("nan")
     scored = mean_dist.nan_to_num(nan=float("inf"))
     if k:
         tracked = torch.where(torch.isfinite(scored).any(dim=1), scored.argmin(dim=1), -1)
     else:
         tracked = torch.full((d,), -1, dtype=torch.long, device=device)
-    return InstabilityResult(per_filter_landmark=std, per_filter=per_filter, mean=mean,
-                             tracked_landmark=tracked, num_images=count)
+    return InstabilityResult(per_filter_landmark=std, per_filter=per_filter, tracked_landmark=tracked,
+                             num_images=count)
 
 
 def random_peak_reference(
@@ -297,15 +305,17 @@ def min_instability_classes(
 
     For every class ``c`` each filter is measured on the images of ``c`` alone (the "cls" rule with
     category ``c``); the class with the smallest mean over landmarks wins, ties to the lower class, and a
-    filter measurable on no class gets class 0. Returns ``(D,)`` long.
+    filter measurable on no class gets class 0. Returns ``(D,)`` long on the device of ``peak_value``
+    (nothing here waits for a GPU).
     """
     d = peak_value.shape[1]
-    scores = torch.full((num_classes, d), float("inf"), dtype=torch.float64)
+    device = peak_value.device
+    scores = torch.full((num_classes, d), float("inf"), dtype=torch.float64, device=device)
     for c in range(num_classes):
         res = location_instability(peak_value, peak_xy, landmarks, visible, image_diagonal=image_diagonal,
-                                   top_k=top_k, filter_category=torch.full((d,), c, dtype=torch.long),
+                                   top_k=top_k, filter_category=torch.full((d,), c, dtype=torch.long, device=device),
                                    labels=labels, drop_sparse=drop_sparse)
-        scores[c] = res.per_filter.cpu().nan_to_num(nan=float("inf"))
+        scores[c] = res.per_filter.nan_to_num(nan=float("inf"))
     return scores.argmin(dim=0)
 
 
@@ -450,14 +460,19 @@ class PartInterpretability:
         best_part: ``(D,)`` long, the part reaching ``P_f`` (``-1``: none).
         per_part: ``(K,)`` float64, mean over filters of ``per_filter_part[:, k]``: how well the layer
             as a whole finds part ``k``.
-        mean: the NaN-aware mean of ``per_filter`` (the paper's number).
+
+    The tensors live on the device of the counts; :attr:`mean` reads a number back to the host.
     """
 
     per_filter_part: Tensor
     per_filter: Tensor
     best_part: Tensor
     per_part: Tensor
-    mean: float
+
+    @property
+    def mean(self) -> float:
+        """The NaN-aware mean of ``per_filter`` (the paper's number), computed when read."""
+        return _nanmean_or_nan(self.per_filter)
 
 
 def part_interpretability(hits: Tensor, present: Tensor, labels: Tensor, filter_category: Tensor | None = None
@@ -487,18 +502,24 @@ def part_interpretability(hits: Tensor, present: Tensor, labels: Tensor, filter_
 
 def part_scores(hit: Tensor, count: Tensor) -> PartInterpretability:
     """Return the part interpretability from counts: ``hit`` ``(D, K)`` images where filter d counts on part k,
-    out of ``count`` ``(D, K)`` images of its category that contain the part (streaming callers sum these)."""
+    out of ``count`` ``(D, K)`` images of its category that contain the part (streaming callers sum these).
+
+    Computed on the counts' device (the analysis pass calls it on the GPU's running sums)."""
     if hit.shape != count.shape or hit.dim() != 2:
         raise ValueError(f"hit and count must both be (D, K), got {tuple(hit.shape)} and {tuple(count.shape)}")
     d, k = hit.shape
-    hit, count = hit.double().cpu(), count.double().cpu()
+    f64 = dict(dtype=torch.float64, device=hit.device)
+    hit, count = hit.to(**f64), count.to(**f64)
     frac = torch.where(count > 0, hit / count.clamp(min=1), float("nan"))  # (D, K)
     filled = frac.nan_to_num(-1.0)
-    best_value, best = filled.max(dim=1) if k else (torch.full((d,), -1.0, dtype=torch.float64),
-                                                     torch.full((d,), -1, dtype=torch.long))
+    best_value, best = filled.max(dim=1) if k else (torch.full((d,), -1.0, **f64),
+                                                     torch.full((d,), -1, dtype=torch.long, device=hit.device))
     per_filter = torch.where(best_value >= 0, best_value, float("nan"))
     best = torch.where(best_value >= 0, best, -1)
-    per_part = torch.nanmean(frac, dim=0) if d else torch.full((k,), float("nan"), dtype=torch.float64)
-    mean = float(torch.nanmean(per_filter)) if d else float("nan")
-    return PartInterpretability(per_filter_part=frac, per_filter=per_filter, best_part=best, per_part=per_part,
-                                mean=mean)
+    per_part = torch.nanmean(frac, dim=0) if d else torch.full((k,), float("nan"), **f64)
+    return PartInterpretability(per_filter_part=frac, per_filter=per_filter, best_part=best, per_part=per_part)
+
+
+def _nanmean_or_nan(t: Tensor) -> float:
+    """``nanmean`` of ``t`` as a float; NaN for an empty tensor."""
+    return float(torch.nanmean(t)) if t.numel() else float("nan")
