@@ -54,6 +54,11 @@ method works on; the "peak" is ``max_ij x``):
   counts) uses every image. This keeps the pass near 0.85× of plain inference
   (``benchmarks/bench_analyze.py``).
 
+On a GPU the whole pass stays on the device: the running statistics and the per-image peaks are summed
+there, the end-of-pass reductions (correlations, cluster labels, MIS, location instability, part scores)
+run there, and each layer's results come to the host in one copy; nothing waits for the device per batch
+or per filter.
+
 ``analysis.json`` schema (written by :func:`analyze_run`, the dict :func:`analyze` returns minus the
 tensors under ``"matrices"`` and ``"top"``)::
 
@@ -270,9 +275,9 @@ class _LayerAnalyzer:
         self.templates: Tensor | None = None
         self.templates_f32: Tensor | None = None
         self.map_size: tuple[int, int] | None = None
-        self.peaks: list[Tensor] = []  # (B, D) per batch, CPU
+        self.peaks: list[Tensor] = []  # (B, D) per batch, on the maps' device until the end of the pass
         self._scratch: Tensor | None = None  # reused (B, D, P) float buffer, see scratch()
-        self.cells: list[Tensor] = []  # (B, D) flat peak cell per batch, CPU
+        self.cells: list[Tensor] = []  # (B, D) flat peak cell per batch, on the same device
 
     @torch.no_grad()
     def update(self, out: Tensor, labels: Tensor, index: Tensor, part_masks: dict | None) -> None:
@@ -295,9 +300,9 @@ class _LayerAnalyzer:
             x = x.clamp(min=0)
         x = x.reshape(b, d, hw)  # (B, D, P)
         peak, cell = _peaks(x, self.scratch(x))  # (B, D); first cell on ties
-        # To the CPU without waiting (pinned buffers on a GPU); read only after the pass (analyze syncs).
-        self.peaks.append(peak.to("cpu", non_blocking=True))
-        self.cells.append(cell.to("cpu", non_blocking=True))
+        # Kept where they are: the instability at the end of the pass reads them there (N × D, small).
+        self.peaks.append(peak)
+        self.cells.append(cell)
         peak64 = peak.double()
         onehot = F.one_hot(labels, self.c).double()  # (B, C)
 
@@ -440,7 +445,8 @@ def _part_context(part_masks: Tensor | None, device: torch.device) -> dict[str, 
 def _rebin(hist: Tensor, hi_from: Tensor, hi_to: Tensor) -> Tensor:
     """Move the counts of ``hist`` ``(L, D, K)`` from ranges ``hi_from`` to ``hi_to`` ``(D,)`` by bin centre."""
     k = hist.shape[-1]
-    centre = (torch.arange(k, dtype=hi_from.dtype) + 0.5)[None, :] * hi_from[:, None] / k  # (D, K)
+    ar = torch.arange(k, dtype=hi_from.dtype, device=hi_from.device)
+    centre = (ar + 0.5)[None, :] * hi_from[:, None] / k  # (D, K)
     target = _bin_index(centre, hi_to[:, None].expand_as(centre), k)  # (D, K)
     out = torch.zeros_like(hist)
     out.scatter_add_(-1, target[None].expand_as(hist), hist)
@@ -543,7 +549,8 @@ def analyze(
     Returns:
         ``{"summary", "filters"}`` as in the schema, plus ``"matrices"`` (per layer ``peak_correlation``,
         ``map_correlation`` ``(D, D)`` float64 CPU tensors, ``order`` (filters ordered by cluster)) and
-        ``"state"`` (the running statistics, for :func:`merge_states`).
+        ``"state"`` (the running statistics, for :func:`merge_states`, on the device they were summed on;
+        on the CPU under torchrun).
     """
     from icnn_compress.method.mask import InterpretableMask
 
@@ -612,19 +619,19 @@ def analyze(
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    for an in analyzers.values():  # the statistics to the host once, without a stall per tensor
-        if an.state is not None:
-            an.state = {k: v.to("cpu", non_blocking=True) for k, v in an.state.items()}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the non-blocking copies (peaks, cells, statistics) are complete
+    # The statistics stay where they were summed: _finish_layer reduces them there and copies each layer's
+    # results to the host once.
     correct = int(correct_t)
+    home = device
     if is_distributed():
         correct = _gather_ranks(analyzers, labels_all, landmarks_all, visible_all, correct)
+        home = torch.device("cpu")  # the merged states and peaks came through the host
     if not labels_all:
         raise ValueError("the loader yielded no batch; check the dataset split")
-    label = torch.cat(labels_all)
-    lm = torch.cat(landmarks_all) if landmarks_all else None
-    vis = torch.cat(visible_all) if visible_all else None
+    # Each once to the statistics' device, not once per layer.
+    label = torch.cat(labels_all).to(home)
+    lm = torch.cat(landmarks_all).to(home) if landmarks_all else None
+    vis = torch.cat(visible_all).to(home) if visible_all else None
 
     settings = dict(silent_threshold=silent_threshold, silent_fraction=silent_fraction,
                     redundancy_threshold=redundancy_threshold, top_k=top_k, instability_top_k=instability_top_k,
@@ -645,7 +652,7 @@ def analyze(
             raise ValueError(f"layer {name!r} is never called by the model's forward pass")
         cat = filter_category.get(name)
         layer_summary, layer_filters, mats = _finish_layer(
-            name, an, geometry[name], category=None if cat is None else torch.as_tensor(cat).long().cpu(),
+            name, an, geometry[name], category=None if cat is None else torch.as_tensor(cat).long().to(home),
             label=label, landmarks=lm, visible=vis, classes=classes, landmark_names=landmark_names,
             image_size=image_size, settings=settings)
         summary["layers"][name] = layer_summary
@@ -662,13 +669,14 @@ def _gather_ranks(analyzers: Mapping[str, _LayerAnalyzer], labels_all: list, lan
     Each rank analysed its own shard (:func:`analyze_run`). The states fold with :func:`merge_states` in
     rank order and the per-image lists concatenate in rank order, so every rank ends with the statistics
     of the whole split. One ``all_gather_object`` (host side; the states are ``O(D²)``, not ``O(N)``, apart
-    from the ``N × D`` peaks the instability needs anyway).
+    from the ``N × D`` peaks the instability needs anyway). The merged statistics and peaks stay on the CPU
+    (analyze reduces them there).
     """
     mine = {
         "states": {n: None if an.state is None else {k: v.cpu() for k, v in an.state.items()}
                    for n, an in analyzers.items()},
-        "peaks": {n: list(an.peaks) for n, an in analyzers.items()},
-        "cells": {n: list(an.cells) for n, an in analyzers.items()},
+        "peaks": {n: [p.cpu() for p in an.peaks] for n, an in analyzers.items()},
+        "cells": {n: [c.cpu() for c in an.cells] for n, an in analyzers.items()},
         "map_size": {n: an.map_size for n, an in analyzers.items()},
         "labels": labels_all, "landmarks": landmarks_all, "visible": visible_all, "correct": correct,
     }
@@ -693,7 +701,16 @@ def _gather_ranks(analyzers: Mapping[str, _LayerAnalyzer], labels_all: list, lan
 def _finish_layer(name: str, an: _LayerAnalyzer, geometry: LayerGeometry, *, category: Tensor | None,
                   label: Tensor, landmarks: Tensor | None, visible: Tensor | None, classes: Sequence[str],
                   landmark_names: Sequence[str], image_size: int, settings: dict) -> tuple[dict, list, dict]:
-    st = an.state  # on the CPU (analyze moved it)
+    """Return one layer's summary, per-filter records and matrices (``analysis.json``'s schema).
+
+    Every reduction (correlations, cluster labels, MIS, location instability, part scores) runs on the device
+    the statistics live on (the pass's GPU; the CPU under torchrun), and nothing there waits for it; the
+    per-filter columns and the two ``(D, D)`` matrices come back to the host in one copy
+    (:func:`_to_host`), where the records, the cluster lists and the layer means are built from them.
+    ``category``, ``label``, ``landmarks`` and ``visible`` are on the statistics' device.
+    """
+    st = an.state
+    dev = st["n"].device
     n = st["n"]
     d = st["active"].shape[0]
     h, w = an.map_size
@@ -704,12 +721,13 @@ def _finish_layer(name: str, an: _LayerAnalyzer, geometry: LayerGeometry, *, cat
     class_mean = st["class_peak_sum"] / st["class_count"].clamp(min=1)[:, None]  # (C, D)
     class_mean = torch.where(st["class_count"][:, None] > 0, class_mean, torch.zeros_like(class_mean))
     drop = drops_sparse(settings["protocol"])
-    peak_xy = None
+    peak_xy = peaks = None
     if landmarks is not None and len(landmark_names):
         cell = torch.cat(an.cells)  # (N, D)
-        peak_xy = geometry.cell_centres(torch.stack((cell // w, cell % w), dim=-1).double())
+        peak_xy = geometry.cell_centres(torch.stack((cell // w, cell % w), dim=-1).double())  # (N, D, 2)
+        peaks = torch.cat(an.peaks).double()  # (N, D)
     if category is None and settings["protocol"] == "paper" and peak_xy is not None:
-        category = min_instability_classes(torch.cat(an.peaks).double(), peak_xy, landmarks, visible, label,
+        category = min_instability_classes(peaks, peak_xy, landmarks, visible, label,
                                            num_classes=len(classes), image_diagonal=image_size * math.sqrt(2.0),
                                            top_k=settings["instability_top_k"])
     if category is None:
@@ -719,7 +737,6 @@ def _finish_layer(name: str, an: _LayerAnalyzer, geometry: LayerGeometry, *, cat
     total = class_mean.sum(0)
     own = class_mean.gather(0, category.clamp(min=0)[None])[0]
     exclusivity = torch.where((total > 0) & (category >= 0), own / total.clamp(min=_EPS), torch.full_like(total, nan))
-    peak_mass = st["peak_sum"]
     weight = st["spatial_entropy_weight"]
     spatial = torch.where(weight > 0, st["spatial_entropy_sum"] / weight.clamp(min=_EPS), torch.full_like(total, nan))
     inter = st["inter_entropy_sum"] / st["w_sum"].clamp(min=_EPS)
@@ -730,54 +747,62 @@ def _finish_layer(name: str, an: _LayerAnalyzer, geometry: LayerGeometry, *, cat
     map_corr.fill_diagonal_(1.0)
     redundancy = torch.minimum(peak_corr, map_corr).nan_to_num(nan=-1.0)
     redundancy.fill_diagonal_(-1.0)
-    redundancy[silent] = -1.0
-    redundancy[:, silent] = -1.0
-    score = (exclusivity.nan_to_num(0.0) - spatial.nan_to_num(1.0))
-    cluster_id, clusters = _clusters(redundancy >= settings["redundancy_threshold"], score)
-    best = {c["best"] for c in clusters}
-    order = [i for c in clusters for i in c["members"]]
-    order += [i for i in range(d) if cluster_id[i] < 0]
+    redundancy.masked_fill_(silent[:, None] | silent[None, :], -1.0)  # no boolean indexing: no device sync
+    component = _components(redundancy >= settings["redundancy_threshold"])
     closest_value, closest = redundancy.max(dim=1)
 
     mis, mis_class = _mis(st["mis_hist"], st["class_count"])
 
-    inst_f = torch.full((d,), nan, dtype=torch.float64)
-    inst_fk = torch.full((d, len(landmark_names)), nan, dtype=torch.float64)
-    tracked = torch.full((d,), -1, dtype=torch.long)
-    inst_mean = None
+    inst_f = torch.full((d,), nan, dtype=torch.float64, device=dev)
+    inst_fk = torch.full((d, len(landmark_names)), nan, dtype=torch.float64, device=dev)
+    tracked = torch.full((d,), -1, dtype=torch.long, device=dev)
     if peak_xy is not None:
-        measured = location_instability(torch.cat(an.peaks).double(), peak_xy, landmarks, visible,
+        measured = location_instability(peaks, peak_xy, landmarks, visible,
                                         image_diagonal=image_size * math.sqrt(2.0),
                                         top_k=settings["instability_top_k"], filter_category=category, labels=label,
                                         drop_sparse=drop)
         inst_f, inst_fk, tracked = measured.per_filter, measured.per_filter_landmark, measured.tracked_landmark
-        inst_mean = _finite(measured.mean)
 
     k_parts = st["part_hits"].shape[-1]
-    part_score = torch.full((d,), nan, dtype=torch.float64)
-    best_part = torch.full((d,), -1, dtype=torch.long)
+    part_score = torch.full((d,), nan, dtype=torch.float64, device=dev)
+    best_part = torch.full((d,), -1, dtype=torch.long, device=dev)
     threshold = _top_quantile(st["cell_hist"][0], st["cell_hi"], settings["part_quantile"])
     per_part = None
     if k_parts:
         cat_idx = category.clamp(min=0)
-        hits, present = st["part_hits"][cat_idx, torch.arange(d)], st["part_present"][cat_idx]  # (D, K) each
+        hits, present = st["part_hits"][cat_idx, torch.arange(d, device=dev)], st["part_present"][cat_idx]  # (D, K)
         scored = part_scores(hits, present)
         part_score, best_part = scored.per_filter, scored.best_part
-        per_part = part_scores(hits[~silent], present[~silent]).per_part  # the live filters, as the mean below
+        # The live filters, as the mean below: a silent filter's row is NaN, which nanmean leaves out.
+        per_part = torch.nanmean(scored.per_filter_part.masked_fill(silent[:, None], nan), dim=0)  # (K,)
 
+    top_xy = geometry.cell_centres(torch.stack((st["top_cell"] // w, st["top_cell"] % w), -1).double())
+    columns = dict(
+        category=category, rate=rate, silent=silent, mean_peak=st["peak_sum"] / n, exclusivity=exclusivity,
+        inter=inter, mi_spatial=mi_spatial, spatial=spatial, mis=mis, mis_class=mis_class,
+        closest_value=closest_value, closest=closest, inst_f=inst_f, inst_fk=inst_fk, tracked=tracked,
+        part_score=part_score, best_part=best_part, component=component, top_index=st["top_index"],
+        top_value=st["top_value"], top_xy=top_xy, threshold=threshold, peak_corr=peak_corr, map_corr=map_corr,
+    )
+    if per_part is not None:
+        columns["per_part"] = per_part
+    host = _to_host(columns)
+
+    # On the host from here: Python lists once, not a tensor index per filter and field.
+    score = host["exclusivity"].nan_to_num(0.0) - host["spatial"].nan_to_num(1.0)
+    cluster_id, clusters = _clusters(host["component"], score)
+    best = {c["best"] for c in clusters}
+    order = [i for c in clusters for i in c["members"]]
+    order += [i for i in range(d) if cluster_id[i] < 0]
     names = list(landmark_names)
+    cols = {k: host[k].tolist() for k in (
+        "category", "rate", "silent", "mean_peak", "exclusivity", "inter", "mi_spatial", "spatial", "mis",
+        "mis_class", "closest_value", "closest", "inst_f", "inst_fk", "tracked", "part_score", "best_part",
+        "top_index", "top_value", "top_xy")}
     records = []
-    top_xy = geometry.cell_centres(torch.stack((st["top_cell"] // w, st["top_cell"] % w), -1).double()).tolist()
-    top_index, top_value = st["top_index"].tolist(), st["top_value"].tolist()
-    # Python lists once, not a tensor index per filter and field (that was most of this loop's time).
-    cols = {k: v.tolist() for k, v in dict(
-        category=category, rate=rate, silent=silent, mean_peak=peak_mass / n, exclusivity=exclusivity, inter=inter,
-        mi_spatial=mi_spatial, spatial=spatial, mis=mis, mis_class=mis_class, closest_value=closest_value,
-        closest=closest, inst_f=inst_f, inst_fk=inst_fk, tracked=tracked, part_score=part_score,
-        best_part=best_part).items()}
     for f in range(d):
         tops = [{"index": i, "value": v, "x": xy[0], "y": xy[1]}
-                for i, v, xy in zip(top_index[f], top_value[f], top_xy[f]) if i >= 0]
+                for i, v, xy in zip(cols["top_index"][f], cols["top_value"][f], cols["top_xy"][f]) if i >= 0]
         c = cols["category"][f]
         tracked_f, best_part_f = cols["tracked"][f], cols["best_part"][f]
         records.append({
@@ -798,33 +823,49 @@ def _finish_layer(name: str, an: _LayerAnalyzer, geometry: LayerGeometry, *, cat
             "top_images": tops,
         })
 
-    alive = ~silent
+    alive = ~host["silent"]
     summary = {
         "num_filters": d, "map_size": [h, w],
         "geometry": {"offset": list(geometry.offset), "stride": list(geometry.stride),
                      "receptive_field": list(geometry.size) if geometry.size else None},
-        "num_silent": int(silent.sum()),
-        "mean_activation_rate": _finite(rate.mean()),
-        "mean_exclusivity": _nanmean(exclusivity[alive]),
-        "mean_spatial_entropy": _nanmean(spatial[alive]),
-        "mean_inter_category_entropy": _nanmean(inter[alive]),
-        "mean_mi_spatial_entropy": _nanmean(mi_spatial[alive]),
-        "mean_mis": _nanmean(mis[alive]),
-        "location_instability": inst_mean,
-        "instability_per_landmark": {names[k]: _nanmean(inst_fk[:, k]) for k in range(inst_fk.shape[1])},
-        "part_interpretability": _nanmean(part_score[alive]) if k_parts else None,
+        "num_silent": int(host["silent"].sum()),
+        "mean_activation_rate": _finite(host["rate"].mean()),
+        "mean_exclusivity": _nanmean(host["exclusivity"][alive]),
+        "mean_spatial_entropy": _nanmean(host["spatial"][alive]),
+        "mean_inter_category_entropy": _nanmean(host["inter"][alive]),
+        "mean_mi_spatial_entropy": _nanmean(host["mi_spatial"][alive]),
+        "mean_mis": _nanmean(host["mis"][alive]),
+        "location_instability": _finite(torch.nanmean(host["inst_f"])) if peak_xy is not None and d else None,
+        "instability_per_landmark": {names[k]: _nanmean(host["inst_fk"][:, k]) for k in range(len(names))},
+        "part_interpretability": _nanmean(host["part_score"][alive]) if k_parts else None,
         "part_threshold_quantile": settings["part_quantile"],
-        "category_histogram": category_histogram(category, classes),
+        "category_histogram": category_histogram(host["category"], classes),
         "part_interpretability_per_part": ({names[j] if j < len(names) else str(j): _finite(v)
-                                            for j, v in enumerate(per_part.tolist())} if per_part is not None else None),
-        "landmark_tracking": landmark_histogram(tracked, names) if names else {},
-        **_spread(tracked, names),
+                                            for j, v in enumerate(host["per_part"].tolist())} if k_parts else None),
+        "landmark_tracking": landmark_histogram(host["tracked"], names) if names else {},
+        **_spread(host["tracked"], names),
         "clusters": [c for c in clusters if len(c["members"]) > 1],
         "num_redundant": sum(len(c["members"]) - 1 for c in clusters),
     }
-    mats = {"peak_correlation": peak_corr, "map_correlation": map_corr, "order": torch.tensor(order, dtype=torch.long),
-            "part_threshold": threshold}
+    mats = {"peak_correlation": host["peak_corr"], "map_correlation": host["map_corr"],
+            "order": torch.tensor(order, dtype=torch.long), "part_threshold": host["threshold"]}
     return summary, records, mats
+
+
+def _to_host(columns: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``columns`` as CPU tensors of their own dtypes and shapes, moved to the host in one copy.
+
+    On a GPU every ``.cpu()`` or ``.tolist()`` waits for the device and is a transfer of its own: the columns
+    travel as one float64 buffer instead (booleans and integers below 2⁵³, the image indices included, make
+    the round trip exactly), and each comes back as a tensor of its own (a matrix saved alone is not the
+    whole buffer).
+    """
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in columns.values()]).cpu()
+    out, start = {}, 0
+    for key, t in columns.items():
+        out[key] = flat[start:start + t.numel()].view(t.shape).to(t.dtype, copy=True)
+        start += t.numel()
+    return out
 
 
 def _spread(tracked: Tensor, names: Sequence[str]) -> dict[str, float | None]:
@@ -846,30 +887,39 @@ def _pearson(s: Tensor, sq: Tensor, cross: Tensor, n: Tensor) -> Tensor:
     return torch.where(ok, (cov / denom.clamp(min=1e-300)).clamp(-1, 1), torch.full_like(cov, float("nan")))
 
 
-def _clusters(adjacent: Tensor, score: Tensor) -> tuple[list[int], list[dict]]:
-    """Connected components of ``adjacent`` ``(D, D)``; each with its members and best member by ``score``.
+def _components(adjacent: Tensor) -> Tensor:
+    """Connected-component label ``(D,)`` of each node of ``adjacent`` ``(D, D)``: its component's smallest index.
 
-    Label propagation with pointer jumping on the dense matrix: a few ``(D, D)`` passes where a Python
-    union-find over the edges took 0.3 s on MobileNetV2's 1280 drifted filters (about 60 000 edges).
+    Label propagation with pointer jumping on the dense matrix, on its device: a few ``(D, D)`` passes where a
+    Python union-find over the edges took 0.3 s on MobileNetV2's 1280 drifted filters (about 60 000 edges).
+    The only reads back from a GPU are the convergence tests, one bool per pass.
     """
     d = adjacent.shape[0]
     adj = adjacent | adjacent.t()
-    label = torch.arange(d)
+    label = torch.arange(d, device=adj.device)
     while True:
         new = torch.minimum(label, torch.where(adj, label[None, :], d).amin(1)) if d else label
         new = new[new]  # every label is a node of the same component: jump to its label
         if torch.equal(new, label):
-            break
+            return label
         label = new
+
+
+def _clusters(component: Tensor, score: Tensor) -> tuple[list[int], list[dict]]:
+    """Each filter's cluster id (-1: alone) and the clusters of two or more, with their best member by ``score``.
+
+    On the host, from :func:`_components`' labels and the scores ``(D,)`` as CPU tensors.
+    """
     groups: dict[int, list[int]] = {}
-    for i, root in enumerate(label.tolist()):
+    for i, root in enumerate(component.tolist()):
         groups.setdefault(root, []).append(i)
-    cluster_id = [-1] * d
+    scores = score.tolist()
+    cluster_id = [-1] * len(scores)
     clusters = []
     for members in sorted(groups.values(), key=lambda m: (-len(m), m[0])):
         if len(members) < 2:
             continue
-        best = max(members, key=lambda i: (float(score[i]), -i))
+        best = max(members, key=lambda i: (scores[i], -i))
         for i in members:
             cluster_id[i] = len(clusters)
         clusters.append({"members": members, "best": best})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +14,11 @@ from torch import nn
 
 from icnn_compress.analyze import (
     _clusters,
+    _components,
     _grow_histogram,
     _peaks,
     _top_quantile,
+    _to_host,
     analyze,
     merge_states,
     write_analysis,
@@ -169,16 +172,79 @@ def test_batch_order_does_not_change_sums() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_analysis_matches_cpu(result: dict) -> None:
-    on_gpu = _analyze(device="cuda")
-    for key in ("exclusivity", "spatial_entropy", "mis", "location_instability", "activation_rate",
-                "part_interpretability", "cluster"):
-        assert [f[key] for f in on_gpu["filters"]] == pytest.approx([f[key] for f in result["filters"]], nan_ok=True)
+@pytest.mark.parametrize("kw", [{}, {"protocol": "paper", "estimate_stride": 3}])
+def test_cuda_analysis_matches_cpu(kw: dict) -> None:
+    """The reduction on the GPU (statistics, clusters, MIS, instability, parts) gives the CPU's analysis."""
+    on_cpu, on_gpu = _analyze(**kw), _analyze(device="cuda", **kw)
+    # The top-k order among equal values is the device's own: filter 3 (all zero) ties everywhere.
+    for f in on_gpu["filters"] + on_cpu["filters"]:
+        if f["filter"] == 3:
+            f.pop("top_images")
+    # float32 maps: exp/log and the reduction order differ between the devices in the last float32 bits
+    _assert_same(_doc(on_gpu), _doc(on_cpu), "cuda", rel=1e-5, abs=1e-6)
+    assert all(m.device.type == "cpu" for m in on_gpu["matrices"]["layer"].values())
+    gpu_state, cpu_state = on_gpu["state"]["layer"], on_cpu["state"]["layer"]
+    assert gpu_state["n"].device.type == "cuda"  # the statistics stayed where they were summed
     for key in ("cell_hist", "mis_hist", "cell_hi", "top_value"):
-        assert torch.equal(on_gpu["state"]["layer"][key], result["state"]["layer"][key]), key
-    # top-k order among equal values is the device's own: compare the filters without ties (not 3, all zero)
+        assert torch.equal(gpu_state[key].cpu(), cpu_state[key]), key
     keep = [0, 1, 2, 4]
-    assert torch.equal(on_gpu["state"]["layer"]["top_index"][keep], result["state"]["layer"]["top_index"][keep])
+    assert torch.equal(gpu_state["top_index"][keep].cpu(), cpu_state["top_index"][keep])
+
+
+# Written by the reduction on the host as it was before it moved to the statistics' device (commit
+# c08de18): {name: _doc(result) for name, result in _reference_runs().items()}, as JSON.
+REFERENCE = Path(__file__).with_name("golden") / "analyze_tiny.json"
+
+
+def _reference_runs() -> dict[str, dict]:
+    """The analyses the reference file holds: parts and landmarks; given categories and no parts; the
+    ``paper`` protocol (categories by the smallest instability) on a subsample."""
+    return {
+        "official": _analyze(),
+        "given_no_parts": _analyze(loader=_loader(part_masks=False),
+                                   filter_category={"layer": torch.tensor([1, 0, 0, 0, 0])}),
+        "paper_strided": _analyze(protocol="paper", estimate_stride=3),
+    }
+
+
+def _doc(result: dict) -> dict:
+    """Summary, filters and matrices (as lists) after a round trip through JSON, as analysis.json stores them."""
+    mats = {layer: {k: v.tolist() for k, v in m.items()} for layer, m in result["matrices"].items()}
+    return json.loads(json.dumps({"summary": result["summary"], "filters": result["filters"], "matrices": mats}))
+
+
+def _assert_same(actual, expected, where: str, *, rel: float = 1e-12, abs: float = 1e-15) -> None:
+    """``actual`` has ``expected``'s structure, types and values; floats to ``rel``/``abs`` (NaN equals NaN)."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and list(actual) == list(expected), where
+        for key in expected:
+            _assert_same(actual[key], expected[key], f"{where}.{key}", rel=rel, abs=abs)
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            _assert_same(a, e, f"{where}[{i}]", rel=rel, abs=abs)
+    elif isinstance(expected, float):
+        assert isinstance(actual, float) and actual == pytest.approx(expected, rel=rel, abs=abs, nan_ok=True), where
+    else:
+        assert type(actual) is type(expected) and actual == expected, where
+
+
+def test_analysis_equals_the_host_reference() -> None:
+    """Every summary, per-filter and matrix value is the one the reduction on the host gave, to float64 rounding."""
+    expected, runs = json.loads(REFERENCE.read_text()), _reference_runs()
+    assert list(runs) == list(expected)
+    for name, result in runs.items():
+        _assert_same(_doc(result), expected[name], name)
+
+
+def test_to_host_round_trips_every_dtype() -> None:
+    cols = {"flag": torch.tensor([True, False]), "index": torch.tensor([[2**53, -1]]),
+            "value": torch.tensor([math.nan, -math.inf, 0.1], dtype=torch.float64), "empty": torch.zeros(0, 3)}
+    host = _to_host(cols)
+    for key, t in cols.items():
+        assert host[key].dtype == t.dtype and host[key].shape == t.shape, key
+        assert torch.equal(host[key].nan_to_num(), t.nan_to_num()), key
+    assert host["value"].untyped_storage().nbytes() == 3 * 8  # its own storage, not the shared buffer
 
 
 def test_merge_states_equals_one_pass() -> None:
@@ -271,7 +337,7 @@ def test_clusters_are_the_connected_components(d, density, seed):
     chain = torch.randperm(d, generator=g)[: d // 2]
     adjacent[chain[:-1], chain[1:]] = True  # a path through half the nodes, in random order
     score = torch.rand(d, generator=g)
-    cluster_id, clusters = _clusters(adjacent, score)
+    cluster_id, clusters = _clusters(_components(adjacent), score)
 
     sym = (adjacent | adjacent.t()).tolist()
     seen, expected = set(), []

@@ -52,17 +52,26 @@ class InstabilityResult:
         per_filter_landmark: ``(D, K)`` float64, ``D_{f,k}``: sample standard deviation of the normalised
             distance over the filter's top-k images containing landmark ``k``; NaN with fewer than 2.
         per_filter: ``(D,)`` float64, NaN-aware mean over landmarks (NaN when every pair is NaN).
-        mean: NaN-aware mean over filters of ``per_filter`` (the reported instability).
         tracked_landmark: ``(D,)`` long, the landmark with the smallest MEAN normalised distance over
             the same images (the part the filter tracks); ``-1`` for a filter measured on no image.
         num_images: ``(D, K)`` long, how many images entered each ``D_{f,k}``.
+
+    The tensors live on the device of the peaks; :attr:`mean` reads a number back to the host.
     """
 
     per_filter_landmark: Tensor
     per_filter: Tensor
-    mean: float
     tracked_landmark: Tensor
     num_images: Tensor
+
+    @property
+    def mean(self) -> float:
+        """NaN-aware mean over filters of ``per_filter`` (the reported instability).
+
+        Computed when read, not by :func:`location_instability`: a caller that loops over classes on a
+        GPU (:func:`min_instability_classes`) would otherwise wait for the device once per call.
+        """
+        return _nanmean_or_nan(self.per_filter)
 
 
 def accuracy(logits_or_preds: Tensor, labels: Tensor) -> float:
@@ -177,14 +186,13 @@ def location_instability(
     if drop_sparse and k:
         enough = ((count >= 2) | ~present).all(dim=1)
         per_filter = torch.where(enough, per_filter, float("nan"))
-    mean = torch.nanmean(per_filter).item() if d else float("nan")
     scored = mean_dist.nan_to_num(nan=float("inf"))
     if k:
         tracked = torch.where(torch.isfinite(scored).any(dim=1), scored.argmin(dim=1), -1)
     else:
         tracked = torch.full((d,), -1, dtype=torch.long, device=device)
-    return InstabilityResult(per_filter_landmark=std, per_filter=per_filter, mean=mean,
-                             tracked_landmark=tracked, num_images=count)
+    return InstabilityResult(per_filter_landmark=std, per_filter=per_filter, tracked_landmark=tracked,
+                             num_images=count)
 
 
 def random_peak_reference(
@@ -291,15 +299,17 @@ def min_instability_classes(
 
     For every class ``c`` each filter is measured on the images of ``c`` alone (the "cls" rule with
     category ``c``); the class with the smallest mean over landmarks wins, ties to the lower class, and a
-    filter measurable on no class gets class 0. Returns ``(D,)`` long.
+    filter measurable on no class gets class 0. Returns ``(D,)`` long on the device of ``peak_value``
+    (nothing here waits for a GPU).
     """
     d = peak_value.shape[1]
-    scores = torch.full((num_classes, d), float("inf"), dtype=torch.float64)
+    device = peak_value.device
+    scores = torch.full((num_classes, d), float("inf"), dtype=torch.float64, device=device)
     for c in range(num_classes):
         res = location_instability(peak_value, peak_xy, landmarks, visible, image_diagonal=image_diagonal,
-                                   top_k=top_k, filter_category=torch.full((d,), c, dtype=torch.long),
+                                   top_k=top_k, filter_category=torch.full((d,), c, dtype=torch.long, device=device),
                                    labels=labels, drop_sparse=drop_sparse)
-        scores[c] = res.per_filter.cpu().nan_to_num(nan=float("inf"))
+        scores[c] = res.per_filter.nan_to_num(nan=float("inf"))
     return scores.argmin(dim=0)
 
 
@@ -381,3 +391,8 @@ def landmark_diversity(tracked: Tensor, num_landmarks: int, *, min_fraction: flo
         entropy = float(-torch.special.xlogy(p, p).sum() / math.log(num_landmarks))
     coverage = float((counts >= min_fraction * d).double().mean()) if d else float("nan")
     return LandmarkDiversity(counts=counts, entropy=entropy, coverage=coverage, min_fraction=min_fraction)
+
+
+def _nanmean_or_nan(t: Tensor) -> float:
+    """``nanmean`` of ``t`` as a float; NaN for an empty tensor."""
+    return float(torch.nanmean(t)) if t.numel() else float("nan")

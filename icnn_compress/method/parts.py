@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from icnn_compress.method.metrics import _nanmean_or_nan
+
 __all__ = ["PartInterpretability", "part_hits", "part_interpretability", "part_scores", "top_quantile_threshold"]
 
 
@@ -77,14 +79,19 @@ class PartInterpretability:
         best_part: ``(D,)`` long, the part reaching ``P_f`` (``-1``: none).
         per_part: ``(K,)`` float64, mean over filters of ``per_filter_part[:, k]``: how well the layer
             as a whole finds part ``k``.
-        mean: the NaN-aware mean of ``per_filter`` (the paper's number).
+
+    The tensors live on the device of the counts; :attr:`mean` reads a number back to the host.
     """
 
     per_filter_part: Tensor
     per_filter: Tensor
     best_part: Tensor
     per_part: Tensor
-    mean: float
+
+    @property
+    def mean(self) -> float:
+        """The NaN-aware mean of ``per_filter`` (the paper's number), computed when read."""
+        return _nanmean_or_nan(self.per_filter)
 
 
 def part_interpretability(hits: Tensor, present: Tensor, labels: Tensor, filter_category: Tensor | None = None
@@ -114,18 +121,19 @@ def part_interpretability(hits: Tensor, present: Tensor, labels: Tensor, filter_
 
 def part_scores(hit: Tensor, count: Tensor) -> PartInterpretability:
     """Return the part interpretability from counts: ``hit`` ``(D, K)`` images where filter d counts on part k,
-    out of ``count`` ``(D, K)`` images of its category that contain the part (streaming callers sum these)."""
+    out of ``count`` ``(D, K)`` images of its category that contain the part (streaming callers sum these).
+
+    Computed on the counts' device (the analysis pass calls it on the GPU's running sums)."""
     if hit.shape != count.shape or hit.dim() != 2:
         raise ValueError(f"hit and count must both be (D, K), got {tuple(hit.shape)} and {tuple(count.shape)}")
     d, k = hit.shape
-    hit, count = hit.double().cpu(), count.double().cpu()
+    f64 = dict(dtype=torch.float64, device=hit.device)
+    hit, count = hit.to(**f64), count.to(**f64)
     frac = torch.where(count > 0, hit / count.clamp(min=1), float("nan"))  # (D, K)
     filled = frac.nan_to_num(-1.0)
-    best_value, best = filled.max(dim=1) if k else (torch.full((d,), -1.0, dtype=torch.float64),
-                                                     torch.full((d,), -1, dtype=torch.long))
+    best_value, best = filled.max(dim=1) if k else (torch.full((d,), -1.0, **f64),
+                                                     torch.full((d,), -1, dtype=torch.long, device=hit.device))
     per_filter = torch.where(best_value >= 0, best_value, float("nan"))
     best = torch.where(best_value >= 0, best, -1)
-    per_part = torch.nanmean(frac, dim=0) if d else torch.full((k,), float("nan"), dtype=torch.float64)
-    mean = float(torch.nanmean(per_filter)) if d else float("nan")
-    return PartInterpretability(per_filter_part=frac, per_filter=per_filter, best_part=best, per_part=per_part,
-                                mean=mean)
+    per_part = torch.nanmean(frac, dim=0) if d else torch.full((k,), float("nan"), **f64)
+    return PartInterpretability(per_filter_part=frac, per_filter=per_filter, best_part=best, per_part=per_part)
