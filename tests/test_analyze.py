@@ -12,17 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from icnn_compress.analyze import (
-    _clusters,
-    _components,
-    _grow_histogram,
-    _peaks,
-    _top_quantile,
-    _to_host,
-    analyze,
-    merge_states,
-    write_analysis,
-)
+from icnn_compress.analyze import analyze, merge_states, write_analysis
+from icnn_compress.analyze._statistics import _grow_histogram, _peaks, _top_quantile
+from icnn_compress.analyze._summaries import _clusters, _components, _to_host
 
 S, CELL, N, C = 16, 4, 8, 2  # 16-px images, 4x4 maps (cell = 4 px), 8 images, 2 classes
 H = S // CELL
