@@ -20,8 +20,7 @@ __all__ = ["main"]
 
 log = logging.getLogger("icnn_compress")
 
-# Shipped inside the package (package data), so that `icnn demo` runs from an installed wheel too.
-DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "quickstart.toml"
+DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "quickstart.toml"  # package data: works from a wheel
 
 
 def _recipe(args: argparse.Namespace):
@@ -56,7 +55,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     arm = "baseline" if args.baseline else "masks-only" if args.masks_only else "icnn"
     record = finetune(_recipe(args), args.out, arm=arm, resume=args.resume, force=args.force,
                       progress=not args.quiet)
-    print(f"{arm}: epoch {record.get('epoch')} val acc {100 * record.get('val_acc', float('nan')):.2f}% -> {args.out}/model.pt")
+    print(f"{arm}: epoch {record.get('epoch')} val acc {record.get('val_acc', float('nan')):.2%} -> {args.out}/model.pt")
     return 0
 
 
