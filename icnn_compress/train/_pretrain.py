@@ -59,7 +59,8 @@ def _pretrain(recipe: Recipe, run: RunDir, resume: bool, force: bool, progress: 
                                                    channels_last=setup.channels_last))
         if is_main():
             append_jsonl(run.metrics_path, {"stage": "pretrain", **stats})
-            log.info("pretrain epoch %d: %s", epoch, stats)
+            log.info("pretrain epoch %d: loss %.4f acc %.2f%% val %.2f%%", epoch, stats["train_loss"],
+                     100 * stats["train_acc"], 100 * stats["val_acc"])
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                          "settings": settings, **rng_states(setup.device)}, run.last_path)
     path = run.path / "model.pth"
