@@ -176,6 +176,7 @@ def test_wrong_type(tmp_path: Path, text: str, message: str) -> None:
         ("[icnn]\nkappa = -1\n", r"'icnn.kappa' must be in \[0, inf\), got -1.0"),
         ("[icnn]\nbeta = -2\n", r"'icnn.beta' must be in \(0, inf\), got -2.0"),
         ("[icnn]\ncrowding = -1\n", r"'icnn.crowding' must be >= 0"),
+        ("[icnn]\nanchor = \"parts\"\n", r"'icnn.anchor' must be one of 'none', 'landmarks', got 'parts'"),
         ("[data]\nmean = [0.5, 0.5]\n", r"'data.mean' needs 3 values \(R, G, B; images are read as RGB\)"),
         ("[data]\nstd = [0.2, 0.0, 0.2]\n", r"'data.std' must be finite and > 0"),
     ],

@@ -48,3 +48,5 @@ def test_options_share_masks_only_runs_by_mask() -> None:
     assert parts_options.mask_folder(parts_options.OPTIONS["released"]) == "masks-centroid-learned"
     assert parts_options.mask_folder(parts_options.OPTIONS["crowding"]) == "masks-centroid-learned"
     assert parts_options.mask_folder(parts_options.OPTIONS["paper"]) == "masks-argmax-4"
+    for option in ("anchored", "anchored-k3e-4"):  # κ is 0 in masks only: they share one mask
+        assert parts_options.mask_folder(parts_options.OPTIONS[option]) == "masks-local-mass-learned-anchor-landmarks"

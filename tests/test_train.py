@@ -250,3 +250,43 @@ def test_compile_recipe_compiles_the_filter_loss(tiny_recipe):
         model, _ = build_for_recipe(recipe, arm="icnn", classes=list("abcd"), image_size=64)
         fl = _filter_loss(model, recipe)
         assert fl.compile is flag and all(m.compiled is flag for m in fl.masks.values())
+
+
+def test_anchored_training_moves_the_masks_templates_and_evaluation_does_not(tiny_recipe, tmp_path, monkeypatch):
+    from icnn_compress.method.mask import InterpretableMask
+
+    seen = []  # (training, anchored) of every masked forward
+    forward = InterpretableMask.forward
+
+    def spy(self, x):
+        seen.append((self.training, self.anchor is not None))
+        return forward(self, x)
+
+    monkeypatch.setattr(InterpretableMask, "forward", spy)
+    run = tmp_path / "anchored"
+    finetune(tiny_recipe("icnn.anchor=landmarks", "train.epochs=1", "icnn.kappa=0", "data.hflip=true"), run,
+             arm="icnn", progress=False)
+    assert {a for t, a in seen if t} == {True} and {a for t, a in seen if not t} == {False}
+    assert load_run_model(run)[1]["choices"]["anchor"] == "landmarks"
+
+
+def test_anchor_landmarks_flip_with_their_images_and_need_landmarks():
+    from types import SimpleNamespace
+
+    from icnn_compress.method.mask import InterpretableMask
+    from icnn_compress.train._finetune import _anchor_parts
+    from icnn_compress.train._loop import _maybe_anchored
+
+    mask = InterpretableMask(2, num_classes=1)
+    setup = SimpleNamespace(recipe=SimpleNamespace(data=SimpleNamespace(image_size=32), icnn=SimpleNamespace(
+        anchor="landmarks")), device=torch.device("cpu"), train_data=SimpleNamespace(landmark_names=[], root="d"))
+    batch = {"landmarks": torch.tensor([[[10.0, 5.0]], [[10.0, 5.0]]]), "visible": torch.tensor([[True], [False]])}
+    with _maybe_anchored(mask, batch, torch.tensor([True, False]), setup, [0]):
+        xy, valid, size = mask.anchor
+        assert xy.tolist() == [[[22.0, 5.0], [22.0, 5.0]], [[10.0, 5.0], [10.0, 5.0]]] and size == 32
+        assert valid.tolist() == [[True, True], [False, False]]
+    assert mask.anchor is None
+    with pytest.raises(DatasetError, match="has no landmarks: set icnn.anchor = 'none'"):
+        _anchor_parts(setup.recipe, setup)
+    setup.train_data.landmark_names = ["head", "body"]
+    assert _anchor_parts(setup.recipe, setup) == [0, 1]

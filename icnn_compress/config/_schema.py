@@ -176,6 +176,10 @@ class ICNNConfig:
     # crowding penalty (loss.crowding_gradient): on images of its category, a filter is pushed down where the
     # templates of the other filters of its category sit, at this multiple of kappa; 0: the method as published
     crowding: float = _at_least(0.0, 0.0)
+    # "landmarks": in training, each filter's template sits on its assigned landmark (round robin over the
+    # data's landmarks) where that landmark is visible (icnn_compress.method.anchor); weak part supervision the paper
+    # does not use. "none": the peak rule everywhere (the method as published). Evaluation always uses the peak rule.
+    anchor: str = _choices("none", "landmarks", default="none")
     guard: bool = False
     category_momentum: float = 0.9
     pilot_batches: int = _at_least(0, 8)

@@ -17,6 +17,7 @@ __all__ = [
     "InterpretableMask",
     "PEAK_RULES",
     "grid_coordinates",
+    "landmark_cells",
     "masked_maps",
     "local_mass_cells",
     "paper_beta_to_grid",
@@ -102,6 +103,17 @@ def peak_cells(x: Tensor, peak: str) -> tuple[Tensor, Tensor]:
     return rule(x)
 
 
+def landmark_cells(xy: Tensor, image_size: int, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """Return the (row, col) cell of an h×w map that holds each pixel point ``xy`` (..., 2) = (x, y).
+
+    The map tiles the S×S image (``image_size`` S, the continuous square [0, S]² of the data readers) evenly:
+    column ⌊x·w/S⌋, row ⌊y·h/S⌋, clamped to the map (a point on the far edge x = S is in the last cell).
+    """
+    cols = torch.floor(xy[..., 0].float() * (w / image_size)).long().clamp_(0, w - 1)
+    rows = torch.floor(xy[..., 1].float() * (h / image_size)).long().clamp_(0, h - 1)
+    return rows, cols
+
+
 def template_masks(rows: Tensor, cols: Tensor, beta: Tensor, h: int, w: int) -> Tensor:
     """Return the positive templates without τ (peak value 1) at the given cells, (B, D, h, w).
 
@@ -116,7 +128,8 @@ def template_masks(rows: Tensor, cols: Tensor, beta: Tensor, h: int, w: int) -> 
     return torch.clamp(1.0 - beta.to(dtype)[None, :, None, None] * dist, min=-1.0)
 
 
-def masked_maps(x: Tensor, beta: Tensor, peak: str, active: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def masked_maps(x: Tensor, beta: Tensor, peak: str, active: bool,
+                anchor: tuple[Tensor, Tensor, int] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Return ``relu(x ∘ m)`` (or x itself when not ``active``), the masks m and the peak cells (rows, cols).
 
     The mask layer's whole forward as one function (the peak rule, the templates and the product), so that
@@ -126,12 +139,26 @@ def masked_maps(x: Tensor, beta: Tensor, peak: str, active: bool) -> tuple[Tenso
     Args:
         x: the post-ReLU maps, (B, D, h, w). beta: each filter's β on the [-1, 1] grid, (D,).
         peak: a name of :data:`PEAK_RULES`. active: ``False`` passes x through (the baseline's mask).
+        anchor: ``(xy, valid, image_size)``, training only (``icnn.anchor``, :mod:`icnn_compress.method.anchor`):
+            where ``valid`` (B, D) holds, the anchored µ̂ is the cell of the pixel point ``xy`` (B, D, 2)
+            (filter d's assigned landmark on image b). The output's VALUE stays the peak rule's
+            ``relu(x ∘ m)``, so nothing downstream can read the landmarks (a forward template on them
+            gives the label away: the creature's part layout is its class); its gradient, the returned
+            masks and cells (which the filter loss reads) are the anchored template's.
     """
     h, w = x.shape[-2:]
     with torch.no_grad():
         rows, cols = peak_cells(x, peak)
         m = template_masks(rows, cols, beta.float(), h, w).to(x.dtype)  # (B, D, h, w)
-    return (torch.relu(x * m) if active else x), m, rows, cols
+    if anchor is None or not active:
+        return (torch.relu(x * m) if active else x), m, rows, cols
+    with torch.no_grad():
+        xy, valid, image_size = anchor
+        a_rows, a_cols = landmark_cells(xy, image_size, h, w)
+        a_rows, a_cols = torch.where(valid, a_rows, rows), torch.where(valid, a_cols, cols)
+        a_m = template_masks(a_rows, a_cols, beta.float(), h, w).to(x.dtype)
+    routed = torch.relu(x * a_m)  # the gradient's path: ∂/∂x = g·a_m·[x ∘ a_m > 0]
+    return routed + (torch.relu(x * m) - routed).detach(), a_m, a_rows, a_cols
 
 
 def category_update(class_peak: Tensor, class_seen: Tensor, peaks: Tensor, labels: Tensor, momentum: float) -> None:
@@ -257,6 +284,9 @@ class InterpretableMask(nn.Module):
         self.hook: Callable[[InterpretableMask, Tensor, Tensor, tuple[Tensor, Tensor]], None] | None = None
         # Run the forward as the compiled masked_maps (torch.compile; see FilterLoss(compile=True)).
         self.compiled = False
+        # (xy (B, D, 2), valid (B, D), image_size): this training batch's landmark anchors for µ̂, or None
+        # (set and cleared around each training forward by icnn_compress.method.anchor.anchored; never in evaluation).
+        self.anchor: tuple[Tensor, Tensor, int] | None = None
 
     @property
     def hook(self) -> Callable[[InterpretableMask, Tensor, Tensor, tuple[Tensor, Tensor]], None] | None:
@@ -306,7 +336,8 @@ class InterpretableMask(nn.Module):
         # the ONNX exporter's tracer): a tracer takes the plain function's ops.
         tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
         fn = compiled(masked_maps) if self.compiled and not tracing else masked_maps
-        out, m, rows, cols = fn(xr, self.grid_beta(x.shape[-2]), self.peak, self.active)
+        anchor = self.anchor if self.training and self.active else None
+        out, m, rows, cols = fn(xr, self.grid_beta(x.shape[-2]), self.peak, self.active, anchor)
         if self.hooked:
             self._run_hook(xr, m, (rows, cols))
         return out if self.active else x

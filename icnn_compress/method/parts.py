@@ -127,13 +127,13 @@ def part_scores(hit: Tensor, count: Tensor) -> PartInterpretability:
     if hit.shape != count.shape or hit.dim() != 2:
         raise ValueError(f"hit and count must both be (D, K), got {tuple(hit.shape)} and {tuple(count.shape)}")
     d, k = hit.shape
-    f64 = dict(dtype=torch.float64, device=hit.device)
-    hit, count = hit.to(**f64), count.to(**f64)
+    f64, dev = torch.float64, hit.device
+    hit, count = hit.to(dtype=f64), count.to(dtype=f64)
     frac = torch.where(count > 0, hit / count.clamp(min=1), float("nan"))  # (D, K)
     filled = frac.nan_to_num(-1.0)
-    best_value, best = filled.max(dim=1) if k else (torch.full((d,), -1.0, **f64),
+    best_value, best = filled.max(dim=1) if k else (torch.full((d,), -1.0, dtype=f64, device=dev),
                                                      torch.full((d,), -1, dtype=torch.long, device=hit.device))
     per_filter = torch.where(best_value >= 0, best_value, float("nan"))
     best = torch.where(best_value >= 0, best, -1)
-    per_part = torch.nanmean(frac, dim=0) if d else torch.full((k,), float("nan"), **f64)
+    per_part = torch.nanmean(frac, dim=0) if d else torch.full((k,), float("nan"), dtype=f64, device=dev)
     return PartInterpretability(per_filter_part=frac, per_filter=per_filter, best_part=best, per_part=per_part)

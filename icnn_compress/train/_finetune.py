@@ -13,7 +13,7 @@ from torch import nn
 
 from icnn_compress.config import Recipe, recipe_to_dict, recipe_to_toml
 from icnn_compress.data.recipe import task_object
-from icnn_compress.errors import TrainingError
+from icnn_compress.errors import DatasetError, TrainingError
 from icnn_compress.method.filter_loss import FilterLoss
 from icnn_compress.method.kappa import R_BANDS, R_COLLAPSE, CollapseGuard, calibrate_kappa
 from icnn_compress.models.registry import PLAIN, with_model_normalization
@@ -113,6 +113,7 @@ def _finetune(recipe: Recipe, run: RunDir, arm: str, resume: bool, force: bool, 
     optimizer = make_optimizer(model, t.optimizer, t.lr, t.momentum, t.weight_decay)
     filter_loss = None if plain else _filter_loss(model, recipe)
     masks = {} if filter_loss is None else filter_loss.masks
+    anchor_parts = _anchor_parts(recipe, setup) if masks and arm != "baseline" else None
     settings = _settings(recipe, arm, t)
     start, kappa0, calibration, record = _starting_point(recipe, run, arm, setup, model, optimizer, filter_loss,
                                                          settings, resume=resume, force=force)
@@ -124,7 +125,8 @@ def _finetune(recipe: Recipe, run: RunDir, arm: str, resume: bool, force: bool, 
     with _compiled(_wrap_ddp(model, setup.device), t.compile or t.cuda_graphs, cuda_graphs=t.cuda_graphs) as runner:
         while epoch <= t.epochs:
             record, diverged = _epoch(runner, model, filter_loss, optimizer, setup, run, arm, epoch=epoch,
-                                      kappa0=kappa0, diverged=diverged, guard=guard, masks=masks)
+                                      kappa0=kappa0, diverged=diverged, guard=guard, masks=masks,
+                                      anchor_parts=anchor_parts)
             verdict = guard.check(record)
             if verdict is not None:
                 if main:
@@ -210,7 +212,7 @@ def _collapse_guard(recipe: Recipe, arm: str, setup: _Setup, model: nn.Module, m
 
 def _epoch(runner: nn.Module, model: nn.Module, filter_loss: FilterLoss | None, optimizer: torch.optim.Optimizer,
            setup: _Setup, run: RunDir, arm: str, *, epoch: int, kappa0: float, diverged: int, guard: CollapseGuard,
-           masks: dict[str, nn.Module]) -> tuple[dict, int]:
+           masks: dict[str, nn.Module], anchor_parts: list[int] | None = None) -> tuple[dict, int]:
     """Train and validate one epoch; return its record (the same on every rank) and the diverged count."""
     t = setup.recipe.train
     kappa = kappa0 / epoch
@@ -221,7 +223,7 @@ def _epoch(runner: nn.Module, model: nn.Module, filter_loss: FilterLoss | None, 
     try:
         stats = _train_epoch(runner, filter_loss, optimizer, train_data, setup, epoch=epoch, epochs=t.epochs,
                              kappa=kappa, lr=(t.lr, t.lr_end, t.schedule, t.schedule_epochs),
-                             desc=f"{arm} {epoch}/{t.epochs}")
+                             desc=f"{arm} {epoch}/{t.epochs}", anchor_parts=anchor_parts)
         _check_diverged(model, stats, epoch)
         diverged = 0
     except TrainingError as exc:
@@ -263,6 +265,7 @@ def _save_model(recipe: Recipe, run: RunDir, setup: _Setup, model: nn.Module, ar
             "calibration": calibration,
             "recipe": recipe_to_dict(recipe),
             "choices": {"peak": recipe.icnn.peak, "beta": recipe.icnn.beta, "loss": recipe.icnn.loss,
+                        "anchor": recipe.icnn.anchor,
                         "baseline": "same architecture, masks inactive, no filter loss"},
             "filter_categories": {n: m.category.tolist() for n, m in masks.items()},
             "task": {"task": recipe.icnn.task, "object": task_object(recipe.icnn)},
@@ -273,6 +276,20 @@ def _save_model(recipe: Recipe, run: RunDir, setup: _Setup, model: nn.Module, ar
             **(extra or {}),
         },
     )
+
+
+def _anchor_parts(recipe: Recipe, setup: _Setup) -> list[int] | None:
+    """The landmark indices ``icnn.anchor = "landmarks"`` assigns the filters over (all the data's), or None."""
+    if recipe.icnn.anchor == "none":
+        return None
+    names = setup.train_data.landmark_names
+    if not names:
+        raise DatasetError(f"icnn.anchor = 'landmarks' places each filter's template on its assigned landmark in "
+                           f"training, and {setup.train_data.root} has no landmarks: set icnn.anchor = 'none' or "
+                           "give the data landmarks (data.keypoints for an image folder)")
+    log.info("icnn.anchor = 'landmarks': the masks' templates sit on the training images' landmarks (%s, "
+             "round robin over the filters): weak part supervision, which the paper does not use", ", ".join(names))
+    return list(range(len(names)))
 
 
 def _divergence_cause(arm: str, kappa0: float, lr: float, diverged: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from icnn_compress.errors import TrainingError
+from icnn_compress.method.anchor import anchored
 from icnn_compress.method.filter_loss import FilterLoss
 from icnn_compress.method.mask_sync import all_reduce_mask_state
 from icnn_compress.runtime.distributed import all_reduce_sum, is_distributed
@@ -44,14 +46,28 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weig
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def _to(batch: dict, device: torch.device, channels_last: bool, hflip: bool = False) -> tuple[Tensor, Tensor]:
+def _to(batch: dict, device: torch.device, channels_last: bool, hflip: bool = False
+        ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The batch's images and labels on ``device``, and which images ``hflip`` flipped ((B,) bool, or None)."""
     images = batch["image"].to(device, non_blocking=True)
-    if hflip:  # training-only augmentation; landmarks are not used in training
+    flip = None
+    if hflip:  # training-only augmentation
         flip = torch.rand(images.shape[0], device=device) < 0.5
         images = torch.where(flip[:, None, None, None], images.flip(3), images)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    return images, batch["label"].to(device, non_blocking=True)
+    return images, batch["label"].to(device, non_blocking=True), flip
+
+
+def _maybe_anchored(model: nn.Module, batch: dict, flip: Tensor | None, setup: _Setup, parts: Sequence[int] | None):
+    """``icnn.anchor = "landmarks"``: this batch's landmarks (flipped with their images) anchor the masks' µ̂."""
+    if parts is None:
+        return contextlib.nullcontext()
+    size = setup.recipe.data.image_size
+    xy = batch["landmarks"].to(setup.device)  # (B, K, 2)
+    if flip is not None:  # the image spans [0, S]: a flipped point's x is S − x
+        xy = torch.where(flip[:, None, None], torch.stack((size - xy[..., 0], xy[..., 1]), dim=-1), xy)
+    return anchored(model, xy, batch["visible"].to(setup.device), image_size=size, parts=parts)
 
 
 @torch.inference_mode()
@@ -61,7 +77,7 @@ def validate(model: nn.Module, data: DataLoader, device: torch.device, *, amp: b
     correct = torch.zeros((), device=device, dtype=torch.long)
     total = 0
     for batch in data:
-        images, labels = _to(batch, device, channels_last)
+        images, labels, _ = _to(batch, device, channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(images)
         correct += (logits.argmax(dim=1) == labels).sum()
@@ -129,8 +145,12 @@ def _train_epoch(
     kappa: float,
     lr: tuple[float, float, str, int],
     desc: str,
+    anchor_parts: Sequence[int] | None = None,
 ) -> dict:
-    """One epoch; returns host-side loss and accuracy. Raises TrainingError on a non-finite loss."""
+    """One epoch; returns host-side loss and accuracy. Raises TrainingError on a non-finite loss.
+
+    ``anchor_parts``: the landmark indices the masks' µ̂ is anchored on (``icnn.anchor``), or None.
+    """
     model.train()
     device = setup.device
     total_loss = torch.zeros((), device=device)
@@ -142,9 +162,10 @@ def _train_epoch(
     for step, batch in enumerate(bar):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(lr[0], lr[1], lr[2], lr[3], epoch, step / steps, epochs)
-        images, labels = _to(batch, device, setup.channels_last, setup.recipe.data.hflip)
-        with _maybe_filter_loss(filter_loss, labels, kappa, optimizer.param_groups[0]["lr"],
-                                setup.recipe.train.momentum):
+        images, labels, flip = _to(batch, device, setup.channels_last, setup.recipe.data.hflip)
+        with (_maybe_filter_loss(filter_loss, labels, kappa, optimizer.param_groups[0]["lr"],
+                                 setup.recipe.train.momentum),
+              _maybe_anchored(model, batch, flip, setup, anchor_parts)):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.amp):
                 logits = model(images)
             loss = nn.functional.cross_entropy(logits.float(), labels)
