@@ -82,12 +82,8 @@ def analysis_throughput(arch: str, *, batch: int, size: int, batches: int, class
     repeated calls; ``first_call`` is the first call of the process, which also pays the receptive-field
     probe (cached per network structure afterwards, see ``icnn_compress.method.receptive_field``).
     """
-    torch.manual_seed(0)
-    model = build_base_model(arch, num_classes=classes)
-    make_interpretable(model, arch=arch, num_classes=classes, image_size=size)
-    model.to(device).eval()
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model, _ = interpretable_model(arch, classes=classes, size=size, device=device)
+    model.eval()
     g = torch.Generator().manual_seed(0)
     pin = device.type == "cuda"
     stored = [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g))

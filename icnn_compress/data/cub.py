@@ -12,15 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.models import VGG16_Weights
-
+from icnn_compress.config import IMAGENET_MEAN, IMAGENET_STD
 from icnn_compress.data._layout import ANNOTATION_FILES, PART_MASKS_FILE
 from icnn_compress.data._samples import LandmarkImages
 from icnn_compress.errors import DatasetError
-
-_IMAGENET_TRANSFORMS = VGG16_Weights.IMAGENET1K_V1.transforms()
-IMAGENET_MEAN: tuple[float, ...] = tuple(_IMAGENET_TRANSFORMS.mean)
-IMAGENET_STD: tuple[float, ...] = tuple(_IMAGENET_TRANSFORMS.std)
 
 _HOW_TO_MAKE = "generate one with `icnn make-dataset parts --out DIR`"
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from icnn_compress.config import IMAGENET_MEAN, IMAGENET_STD
 from icnn_compress.data._samples import LandmarkImages
 from icnn_compress.data.keypoints import read_keypoints
 from icnn_compress.errors import DatasetError
@@ -93,8 +94,8 @@ class ImageFolderDataset(LandmarkImages):
         split: str = "train",
         image_size: int = 224,
         crop_to_box: bool = False,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
         landmarks: Sequence[str] | None = None,
         keypoints: str | Path | None = None,
         limit: int | None = None,
