@@ -14,7 +14,7 @@ from torch import nn
 
 from icnn_compress.analyze import analyze, merge_states, write_analysis
 from icnn_compress.analyze._statistics import _grow_histogram, _peaks, _top_quantile
-from icnn_compress.analyze._summaries import _clusters, _components, _to_host
+from icnn_compress.analyze._summaries import _leader_clusters, _to_host
 
 S, CELL, N, C = 16, 4, 8, 2  # 16-px images, 4x4 maps (cell = 4 px), 8 images, 2 classes
 H = S // CELL
@@ -320,38 +320,46 @@ def test_analyze_run_on_a_generated_run(tiny_recipe, tmp_path) -> None:
     assert all((out / "gallery" / f"{n.replace('.', '_')}.jpg").is_file() for n in architecture["masks"])
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.integers(1, 30), st.floats(0.0, 0.3), st.integers(0, 2**31 - 1))
-def test_clusters_are_the_connected_components(d, density, seed):
-    """Against a breadth-first search: chains (which need several label passes) included."""
-    g = torch.Generator().manual_seed(seed)
-    adjacent = torch.rand(d, d, generator=g) < density
-    chain = torch.randperm(d, generator=g)[: d // 2]
-    adjacent[chain[:-1], chain[1:]] = True  # a path through half the nodes, in random order
-    score = torch.rand(d, generator=g)
-    cluster_id, clusters = _clusters(_components(adjacent), score)
+def test_leader_clusters_do_not_chain():
+    """a ~ b and b ~ c but a and c unlike: b joins a (the better), c leads its own cluster with d."""
+    red = torch.full((4, 4), -1.0, dtype=torch.float64)
+    for i, j, v in ((0, 1, 0.9), (1, 2, 0.85), (0, 2, 0.3), (2, 3, 0.95), (1, 3, 0.1), (0, 3, 0.0)):
+        red[i, j] = red[j, i] = v
+    cluster_id, clusters = _leader_clusters(red, torch.tensor([0.9, 0.8, 0.7, 0.1]), 0.8)
+    assert clusters == [{"members": [0, 1], "best": 0}, {"members": [2, 3], "best": 2}]
+    assert cluster_id == [0, 0, 1, 1]
+    # b's score above a's: b leads, and takes a and c (both ≥ 0.8 with b); d (0.95 with c, 0.1 with b) is alone
+    cluster_id, clusters = _leader_clusters(red, torch.tensor([0.8, 0.9, 0.7, 0.1]), 0.8)
+    assert clusters == [{"members": [0, 1, 2], "best": 1}] and cluster_id == [0, 0, 0, -1]
 
-    sym = (adjacent | adjacent.t()).tolist()
-    seen, expected = set(), []
-    for start in range(d):
-        if start in seen:
-            continue
-        todo, comp = [start], {start}
-        while todo:
-            i = todo.pop()
-            for j in range(d):
-                if sym[i][j] and j not in comp:
-                    comp.add(j)
-                    todo.append(j)
-        seen |= comp
-        if len(comp) > 1:
-            expected.append(sorted(comp))
-    expected.sort(key=lambda m: (-len(m), m[0]))
-    assert [c["members"] for c in clusters] == expected
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 30), st.floats(0.5, 0.95), st.integers(0, 2**31 - 1))
+def test_leader_clusters_against_a_plain_loop(d, threshold, seed):
+    """Every member is redundant with its best; no two bests are; the same partition as a list-based loop."""
+    g = torch.Generator().manual_seed(seed)
+    red = torch.rand(d, d, generator=g, dtype=torch.float64)
+    red = (red + red.t()) / 2
+    red.fill_diagonal_(-1.0)
+    score = torch.rand(d, generator=g)
+    cluster_id, clusters = _leader_clusters(red, score, threshold)
+
+    leader_of: dict[int, int] = {}
+    leaders: list[int] = []
+    for i in sorted(range(d), key=lambda i: (-float(score[i]), i)):
+        near = [(float(red[i, j]), -k, j) for k, j in enumerate(leaders) if float(red[i, j]) >= threshold]
+        if near:
+            leader_of[i] = max(near)[2]
+        else:
+            leaders.append(i)
+            leader_of[i] = i
+    expected = {b: sorted(i for i in range(d) if leader_of[i] == b) for b in leaders}
+    assert {c["best"]: c["members"] for c in clusters} == {b: m for b, m in expected.items() if len(m) > 1}
     for k, c in enumerate(clusters):
-        assert c["best"] == max(c["members"], key=lambda i: (float(score[i]), -i))
+        assert all(red[i, c["best"]] >= threshold for i in c["members"] if i != c["best"])
         assert all(cluster_id[i] == k for i in c["members"])
-    assert sum(i >= 0 for i in cluster_id) == sum(len(m) for m in expected)
+    assert all(float(red[a, b]) < threshold for a in leaders for b in leaders if a != b)
+    assert sum(i >= 0 for i in cluster_id) == sum(len(c["members"]) for c in clusters)
 
 
 @settings(max_examples=30, deadline=None)

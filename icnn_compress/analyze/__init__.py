@@ -33,8 +33,10 @@ method works on; the "peak" is ``max_ij x``):
   mean over images (where both maps are non-constant) of the Pearson correlation over cells of the two
   maps, i.e. the correlation of per-image standardised maps accumulated as sums. Two filters are
   redundant when ``min(peak_correlation, map_correlation) ≥ redundancy_threshold``: they fire on the same
-  images at the same places. ``cluster``: the connected components of that graph; each cluster's
-  ``best`` member has the highest ``exclusivity − spatial_entropy`` (most exclusive, best localised).
+  images at the same places. ``cluster``: leader clusters of that relation, best filter first (highest
+  ``exclusivity − spatial_entropy``: most exclusive, best localised): a filter redundant with a leader
+  already taken joins it (its ``best``), else it leads its own, so every member is redundant with the best
+  itself (connected components would chain unlike filters through intermediate ones).
 * ``mis``: the mutual information (nats) between the filter's spatially averaged activation and the
   one-vs-rest label of class ``c``, max over ``c`` (``mis_class``). Plug-in estimate on a streaming
   histogram of ``mis_bins`` equal-width bins over ``[0, hi]``, where ``hi`` doubles (merging bin pairs,

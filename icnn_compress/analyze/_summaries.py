@@ -73,7 +73,6 @@ def _finish_layer(name: str, an: _LayerAnalyzer, geometry: LayerGeometry, *, cat
     redundancy = torch.minimum(peak_corr, map_corr).nan_to_num(nan=-1.0)
     redundancy.fill_diagonal_(-1.0)
     redundancy.masked_fill_(silent[:, None] | silent[None, :], -1.0)  # no boolean indexing: no device sync
-    component = _components(redundancy >= settings["redundancy_threshold"])
     closest_value, closest = redundancy.max(dim=1)
 
     mis, mis_class = _mis(st["mis_hist"], st["class_count"])
@@ -106,7 +105,7 @@ def _finish_layer(name: str, an: _LayerAnalyzer, geometry: LayerGeometry, *, cat
         category=category, rate=rate, silent=silent, mean_peak=st["peak_sum"] / n, exclusivity=exclusivity,
         inter=inter, mi_spatial=mi_spatial, spatial=spatial, mis=mis, mis_class=mis_class,
         closest_value=closest_value, closest=closest, inst_f=inst_f, inst_fk=inst_fk, tracked=tracked,
-        part_score=part_score, best_part=best_part, component=component, top_index=st["top_index"],
+        part_score=part_score, best_part=best_part, redundancy=redundancy, top_index=st["top_index"],
         top_value=st["top_value"], top_xy=top_xy, threshold=threshold, peak_corr=peak_corr, map_corr=map_corr,
     )
     if per_part is not None:
@@ -115,7 +114,7 @@ def _finish_layer(name: str, an: _LayerAnalyzer, geometry: LayerGeometry, *, cat
 
     # On the host from here: Python lists once, not a tensor index per filter and field.
     score = host["exclusivity"].nan_to_num(0.0) - host["spatial"].nan_to_num(1.0)
-    cluster_id, clusters = _clusters(host["component"], score)
+    cluster_id, clusters = _leader_clusters(host["redundancy"], score, settings["redundancy_threshold"])
     best = {c["best"] for c in clusters}
     order = [i for c in clusters for i in c["members"]]
     order += [i for i in range(d) if cluster_id[i] < 0]
@@ -213,42 +212,38 @@ def _pearson(s: Tensor, sq: Tensor, cross: Tensor, n: Tensor) -> Tensor:
     return torch.where(ok, (cov / denom.clamp(min=1e-300)).clamp(-1, 1), torch.full_like(cov, float("nan")))
 
 
-def _components(adjacent: Tensor) -> Tensor:
-    """Connected-component label ``(D,)`` of each node of ``adjacent`` ``(D, D)``: its component's smallest index.
+def _leader_clusters(redundancy: Tensor, score: Tensor, threshold: float) -> tuple[list[int], list[dict]]:
+    """Each filter's cluster id (-1: alone) and the clusters of two or more, each with its ``best`` member.
 
-    Label propagation with pointer jumping on the dense matrix, on its device: a few ``(D, D)`` passes where a
-    Python union-find over the edges took 0.3 s on MobileNetV2's 1280 drifted filters (about 60 000 edges).
-    The only reads back from a GPU are the convergence tests, one bool per pass.
+    Leader clustering, best ``score`` first: a filter whose ``redundancy`` with a leader already taken is at
+    least ``threshold`` joins the leader it is most redundant with; otherwise it leads a cluster of its own.
+    So every member other than the best is a near-copy of the best itself, and pruning them (what
+    ``target_macs = "auto"`` removes) leaves a copy of each. The connected components of the
+    ``redundancy ≥ threshold`` graph would chain (a ~ b ~ c with a and c unlike): on drifted ICNN layers they
+    grew into clusters of most of the layer whose members did not resemble their best.
+
+    On the host: ``redundancy`` ``(D, D)`` (diagonal and silent filters at -1) and ``score`` ``(D,)``.
     """
-    d = adjacent.shape[0]
-    adj = adjacent | adjacent.t()
-    label = torch.arange(d, device=adj.device)
-    while True:
-        new = torch.minimum(label, torch.where(adj, label[None, :], d).amin(1)) if d else label
-        new = new[new]  # every label is a node of the same component: jump to its label
-        if torch.equal(new, label):
-            return label
-        label = new
-
-
-def _clusters(component: Tensor, score: Tensor) -> tuple[list[int], list[dict]]:
-    """Each filter's cluster id (-1: alone) and the clusters of two or more, with their best member by ``score``.
-
-    On the host, from :func:`_components`' labels and the scores ``(D,)`` as CPU tensors.
-    """
-    groups: dict[int, list[int]] = {}
-    for i, root in enumerate(component.tolist()):
-        groups.setdefault(root, []).append(i)
-    scores = score.tolist()
-    cluster_id = [-1] * len(scores)
-    clusters = []
-    for members in sorted(groups.values(), key=lambda m: (-len(m), m[0])):
-        if len(members) < 2:
+    d = len(score)
+    order = sorted(range(d), key=lambda i: (-float(score[i]), i))
+    leaders: list[int] = []
+    members: dict[int, list[int]] = {}
+    not_leader = torch.ones(d, dtype=torch.bool)
+    for i in order:
+        value, k = redundancy[i].masked_fill(not_leader, -math.inf).max(0) if leaders else (-math.inf, -1)
+        if float(value) >= threshold:
+            members[int(k)].append(i)
             continue
-        best = max(members, key=lambda i: (scores[i], -i))
-        for i in members:
+        leaders.append(i)
+        members[i] = [i]
+        not_leader[i] = False
+    cluster_id = [-1] * d
+    clusters = []
+    for best in sorted((b for b in leaders if len(members[b]) > 1), key=lambda b: (-len(members[b]), min(members[b]))):
+        group = sorted(members[best])
+        for i in group:
             cluster_id[i] = len(clusters)
-        clusters.append({"members": members, "best": best})
+        clusters.append({"members": group, "best": best})
     return cluster_id, clusters
 
 
