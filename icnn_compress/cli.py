@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -98,7 +99,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from icnn_compress.runtime.distributed import is_main
 
     result = analyze_run(_model(args), out=args.out, data_root=args.data, split=args.split, layers=args.layers,
-                         progress=not args.quiet, trust_code=args.trust_code)
+                         redundancy_threshold=args.redundancy_threshold, progress=not args.quiet,
+                         trust_code=args.trust_code)
     if not is_main():  # under torchrun rank 0 writes the analysis; the report reads it, on rank 0 alone
         return 0
     page = render_analysis(args.out, baseline=args.baseline)
@@ -134,6 +136,17 @@ def _target_macs(text: str) -> float | str:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a fraction such as 0.5, or 'auto'; got {text!r}") from None
+
+
+def _correlation(text: str) -> float:
+    """``--redundancy-threshold``: a correlation in [-1, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a correlation in [-1, 1]; got {text!r}")
+    return value
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -271,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--layers", nargs="+", default=None, help="module names (default: the masked layers)")
     p.add_argument("--baseline", type=Path, default=None, help="a baseline analysis folder to plot against")
+    p.add_argument("--redundancy-threshold", type=_correlation, default=0.8,
+                   help="two filters are redundant when min(peak, map correlation) reaches this (default 0.8); "
+                        "prune --target-macs auto removes every cluster member but the best")
     with_trust(p)
     p.set_defaults(func=_cmd_analyze)
 

@@ -145,6 +145,14 @@ def test_prune_target_macs_is_a_number_or_auto(capsys, tmp_path):
     assert "expected a fraction such as 0.5, or 'auto'; got 'half'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["1.5", "high"])
+def test_analyze_redundancy_threshold_is_a_correlation(capsys, tmp_path, value):
+    with pytest.raises(SystemExit) as exc:
+        run(capsys, "analyze", str(tmp_path), "--out", str(tmp_path / "a"), "--redundancy-threshold", value)
+    assert exc.value.code == 2
+    assert f"expected a correlation in [-1, 1]; got '{value}'" in capsys.readouterr().err
+
+
 def test_make_dataset(capsys, tmp_path):
     code, printed, _ = run(capsys, "make-dataset", "parts", "--out", str(tmp_path / "d"), "--seed", "3")
     assert code == 0 and (tmp_path / "d" / "images.txt").is_file()
@@ -206,9 +214,12 @@ def test_every_stage_runs_on_a_plain_image_folder(capsys, caplog, tmp_path):
     assert code == 0 and result["num_images"] == 12 and result["location_instability"] is None
     assert "has no landmarks, so location instability (and part interpretability) were skipped" in caplog.text
 
-    code, out, _ = run(capsys, "analyze", str(run_dir), "--out", str(tmp_path / "analysis"))
-    summary = json.loads((tmp_path / "analysis" / "analysis.json").read_text())["summary"]
+    code, out, _ = run(capsys, "analyze", str(run_dir), "--out", str(tmp_path / "analysis"),
+                       "--redundancy-threshold", "0.9")
+    doc = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    summary = doc["summary"]
     assert code == 0 and summary["landmark_names"] == [] and summary["num_images"] == 12
+    assert summary["settings"]["redundancy_threshold"] == 0.9
     assert all(layer["location_instability"] is None for layer in summary["layers"].values())
 
     code, out, _ = run(capsys, "prune", str(run_dir), "--analysis", str(tmp_path / "analysis"), "--recover-epochs",
