@@ -224,8 +224,9 @@ def _leader_clusters(redundancy: Tensor, score: Tensor, threshold: float) -> tup
 
     On the host: ``redundancy`` ``(D, D)`` (diagonal and silent filters at -1) and ``score`` ``(D,)``.
     """
-    d = len(score)
-    order = sorted(range(d), key=lambda i: (-float(score[i]), i))
+    scores = score.tolist()
+    d = len(scores)
+    order = sorted(range(d), key=lambda i: (-scores[i], i))
     leaders: list[int] = []
     members: dict[int, list[int]] = {}
     not_leader = torch.ones(d, dtype=torch.bool)
