@@ -7,8 +7,8 @@ reported with accuracy, the instability ratio and the diversity measures beside 
 histogram, its normalised entropy, the share of landmarks tracked by >= 10 % of the filters, part IoU).
 
     python benchmarks/parts_options.py recipes/quickstart.toml --seeds 0 1 2 --out runs/q/options --workers 2
-        --set model.checkpoint=runs/q/plain/model.pth [--options released paper local-mass crowding paper-crowding
-        anchored]
+        --set model.checkpoint=runs/q/plain/model.pth [--options released paper local-mass spread crowding
+        paper-crowding anchored]
 
 The baseline does not depend on the options and runs once per seed (``<out>/baseline/``); a masks-only run
 depends only on the mask (``icnn.peak``, ``icnn.beta``, ``icnn.anchor``: κ = 0 makes every loss-side option a
@@ -40,6 +40,9 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "released": ("icnn.peak=centroid", "icnn.beta=learned"),  # the released code: centroid µ̂, β rule
     "paper": ("icnn.peak=argmax", "icnn.beta=4"),  # the paper: argmax µ̂, fixed β = 4
     "local-mass": ("icnn.peak=local-mass", "icnn.beta=learned"),  # remedy: the strongest local bump
+    # remedy: the local-mass peak moved off a 3x3 neighbourhood once a quarter of the category's earlier filters
+    # peak there (mask.spread_cells): label-free, the same rule in training and inference
+    "spread": ("icnn.peak=spread", "icnn.beta=learned"),
     "crowding": ("icnn.peak=centroid", "icnn.beta=learned", "icnn.crowding=1"),  # remedy: penalty on shared peaks
     "paper-crowding": ("icnn.peak=argmax", "icnn.beta=4", "icnn.crowding=1"),
     # remedy, weak part supervision (training landmarks): each filter's template on its assigned landmark in

@@ -151,7 +151,7 @@ def test_wrong_type(tmp_path: Path, text: str, message: str) -> None:
     [
         ('[train]\noptimizer = "adam"\n', r"'train.optimizer' must be one of 'sgd', 'adamw', got 'adam'"),
         ('[train]\nschedule = "step"\n', r"'train.schedule' must be one of 'constant', 'cosine', 'paper'"),
-        ('[icnn]\npeak = "max"\n', r"'icnn.peak' must be one of 'centroid', 'argmax', 'local-mass', got 'max'"),
+        ('[icnn]\npeak = "max"\n', r"'icnn.peak' must be one of 'centroid', 'argmax', 'local-mass', 'spread', got 'max'"),
         ('[icnn]\nloss = "mi"\n', r"'icnn.loss' must be one of 'reference', 'mutual-information', got 'mi'"),
         ('[icnn]\nkappa = "big"\n', r"'icnn.kappa' must be one of 'auto' or a number, got 'big'"),
         ('[icnn]\nbeta = "fixed"\n', r"'icnn.beta' must be one of 'learned' or a number, got 'fixed'"),

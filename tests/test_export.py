@@ -70,11 +70,14 @@ def test_every_architecture_exports_with_its_masks_at_parity(arch, tmp_path):
     assert json.loads((tmp_path / "parity.json").read_text())["passed"] is True
 
 
-def test_argmax_masks_export_too(tmp_path):
+@pytest.mark.parametrize("peak", ["argmax", "local-mass", "spread"])
+def test_the_other_peak_rules_export_too(peak, tmp_path):
     torch.manual_seed(0)
     model = build_base_model("icnn_compress.zoo:small_cnn", num_classes=3)
     make_interpretable(model, arch="icnn_compress.zoo:small_cnn", num_classes=3, image_size=64,
-                       top_layer="features.14", peak="argmax", beta=4.0)
+                       top_layer="features.14", peak=peak, beta=4.0 if peak == "argmax" else "learned")
+    for mask in (m for m in model.modules() if isinstance(m, InterpretableMask)):
+        mask.class_peak.copy_(torch.rand_like(mask.class_peak))  # filters of all three categories (spread ranks within)
     with _quiet():
         record = export_onnx(model.eval(), tmp_path / "m.onnx", inputs=torch.rand(8, 3, 64, 64))
     assert record["passed"]

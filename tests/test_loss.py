@@ -226,6 +226,8 @@ def test_fused_functions_have_no_graph_break():
     beta = torch.full((3,), 2.0)
     for peak in PEAK_RULES:
         assert torch._dynamo.explain(masked_maps)(x, beta, peak, True).graph_break_count == 0
+    spread = torch._dynamo.explain(masked_maps)(x, beta, "spread", True, None, torch.tensor([0, 1, 0]))
+    assert spread.graph_break_count == 0
     _, m, rows, cols = masked_maps(x, beta, "centroid", True)
     mask = InterpretableMask(3, num_classes=3)
     args = (x, m, rows, cols, torch.tensor([0, 1, 2, 1]), mask.class_peak, mask.class_seen, mask.class_freq,

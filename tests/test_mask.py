@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icnn_compress.method.mask import InterpretableMask, paper_beta_to_grid, peak_cells, template_masks
+from icnn_compress.method.mask import (
+    InterpretableMask,
+    paper_beta_to_grid,
+    peak_cells,
+    spread_cells,
+    template_masks,
+)
 
 
 def test_template_on_a_3x3_grid_has_hand_computed_values():
@@ -109,6 +115,38 @@ def test_local_mass_peak_differs_from_centroid_and_argmax_by_hand():
     assert [t.item() for t in peak_cells(lone, "local-mass")] == [2, 1]
     zero = peak_cells(torch.zeros(2, 3, 4, 4), "local-mass")
     assert zero[0].eq(0).all() and zero[1].eq(0).all()
+
+
+def test_spread_peak_moves_crowded_filters_to_their_next_bump_by_hand():
+    x = torch.zeros(1, 4, 7, 7)
+    x[0, :, 1, 1] = 2.0  # every filter's strongest bump
+    x[0, :, 5, 5] = 1.0  # and a weaker one, two cells beyond the first's 3x3 neighbourhood
+    one = torch.zeros(4, dtype=torch.long)
+    # quota 1/4 of a 4-filter category is 1 earlier filter: filter 0 keeps (1, 1), the later ones move
+    assert [t.tolist() for t in spread_cells(x, one, 0.25)] == [[[1, 5, 5, 5]], [[1, 5, 5, 5]]]
+    # two categories of 2 filters, quota 1/2: one earlier filter of the SAME category fills a place
+    two = torch.tensor([0, 1, 0, 1])
+    assert [t.tolist() for t in spread_cells(x, two, 0.5)] == [[[1, 1, 5, 5]], [[1, 1, 5, 5]]]
+    # a quota no category fills gives the local-mass peak itself
+    assert torch.equal(torch.stack(spread_cells(x, one, 1.0)), torch.stack(peak_cells(x, "local-mass")))
+    # a filter with no other bump outside the crowded place keeps its own peak
+    lone = torch.zeros(1, 2, 5, 5)
+    lone[0, :, 2, 2] = 1.0
+    assert [t.tolist() for t in spread_cells(lone, torch.zeros(2, dtype=torch.long), 0.25)] == [[[2, 2]], [[2, 2]]]
+
+
+def test_spread_peak_reads_the_masks_categories():
+    mask = InterpretableMask(4, num_classes=2, peak="spread")
+    mask.class_peak.copy_(torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]]))  # categories 0, 1, 0, 1
+    x = torch.zeros(1, 4, 7, 7)
+    x[0, :, 1, 1] = 2.0
+    x[0, :, 5, 5] = 1.0
+    out = mask(x)
+    # the 0.25 quota of a 2-filter category is one earlier filter: filters 0 and 1 keep (1, 1), 2 and 3 move
+    assert out[0, :2, 1, 1].gt(0).all() and out[0, :2, 5, 5].eq(0).all()
+    assert out[0, 2:, 5, 5].gt(0).all() and out[0, 2:, 1, 1].eq(0).all()
+    with pytest.raises(ValueError, match="categories"):
+        peak_cells(x, "spread")
 
 
 def test_mask_accepts_local_mass_and_rejects_unknown_peaks():

@@ -1,4 +1,5 @@
-"""The study scripts' summaries and tables (benchmarks/arm_seeds.py, benchmarks/parts_options.py) on made-up cells."""
+"""The study scripts' summaries and tables (benchmarks/arm_seeds.py, benchmarks/parts_options.py,
+benchmarks/spread_placement.py) on made-up cells."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import arm_seeds  # noqa: E402
 import parts_options  # noqa: E402
+import spread_placement  # noqa: E402
 
 
 def _cell(arm: str, seed: int, acc: float, inst: float, entropy: float | None, part: float | None) -> dict:
@@ -50,3 +53,11 @@ def test_options_share_masks_only_runs_by_mask() -> None:
     assert parts_options.mask_folder(parts_options.OPTIONS["paper"]) == "masks-argmax-4"
     for option in ("anchored", "anchored-k3e-4"):  # κ is 0 in masks only: they share one mask
         assert parts_options.mask_folder(parts_options.OPTIONS[option]) == "masks-local-mass-learned-anchor-landmarks"
+
+
+def test_nearest_landmark_skips_invisible_ones() -> None:
+    rows, cols = torch.tensor([[0, 3]]), torch.tensor([[0, 3]])  # one image, two filters' cells
+    lm_rows, lm_cols = torch.tensor([[0, 2, 3]]), torch.tensor([[1, 2, 3]])  # three landmarks' cells
+    visible = torch.tensor([[True, True, False]])
+    # (0, 0): landmark 0 at distance 1; (3, 3): landmark 2 (distance 0) is invisible, so landmark 1 (distance 2)
+    assert spread_placement.nearest_landmark(rows, cols, lm_rows, lm_cols, visible).tolist() == [[0, 1]]

@@ -166,8 +166,9 @@ class PretrainConfig:
 class ICNNConfig:
     """The filter loss of Zhang, Wu, Zhu, "Interpretable Convolutional Neural Networks", CVPR 2018."""
 
-    # released code | paper | the largest 3x3 neighbourhood sum (a remedy for the drift onto the centre)
-    peak: str = _choices("centroid", "argmax", "local-mass", default="centroid")
+    # released code | paper | the largest 3x3 neighbourhood sum (a remedy for the drift onto the centre) | that sum
+    # kept off the places a category's earlier filters crowd (mask.spread_cells)
+    peak: str = _choices("centroid", "argmax", "local-mass", "spread", default="centroid")
     beta: str | float = _choices("learned", default="learned", number=_POSITIVE)  # or a fixed value, the paper's cells
     loss: str = _choices("reference", "mutual-information", default="reference")
     # or a number >= 0 (at epoch 1, divided by the epoch; a negative one would invert the loss)

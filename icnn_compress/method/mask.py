@@ -22,6 +22,7 @@ __all__ = [
     "local_mass_cells",
     "paper_beta_to_grid",
     "peak_cells",
+    "spread_cells",
     "template_masks",
 ]
 
@@ -84,10 +85,46 @@ PEAK_RULES: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
     "argmax": _argmax_cells,
     "local-mass": local_mass_cells,
 }
-PEAKS = tuple(PEAK_RULES)
+# The share of a category's filters that may peak in one 3×3 neighbourhood under ``peak = "spread"``: one of
+# four parts each (the generated creatures have 3-4).
+SPREAD_QUOTA = 0.25
 
 
-def peak_cells(x: Tensor, peak: str) -> tuple[Tensor, Tensor]:
+def spread_cells(x: Tensor, category: Tensor, quota: float = SPREAD_QUOTA) -> tuple[Tensor, Tensor]:
+    """Return each map's local-mass peak, moved off the places its category's earlier filters crowd, each (B, D).
+
+    A landmark-free remedy for the filters piling onto one part (issue 17): filters are ranked by index within
+    their category (``category`` (D,) long, the mask's filter categories: no image label is read, so training
+    and inference place the masks alike). A filter whose local-mass peak (:func:`local_mass_cells`) lies within
+    one cell (3×3) of the local-mass peaks of at least ``quota`` × its category's size earlier filters takes
+    instead its strongest 3×3 bump outside every such crowded neighbourhood (where there is none, its own peak).
+    The rank is fixed, so the same filters keep the crowded part on every image and the others are trained
+    (through the template and the filter loss) on their next part.
+    """
+    b, d, h, w = x.shape
+    xf = torch.nan_to_num(x.float(), nan=0.0).reshape(b * d, 1, h, w)
+    local = (9.0 * torch.nn.functional.avg_pool2d(xf, 3, stride=1, padding=1, count_include_pad=True)
+             + 1e-3 * xf).reshape(b, d, h * w)
+    own = local.argmax(dim=-1)  # (B, D): local_mass_cells' peak
+    near = torch.nn.functional.max_pool2d(
+        torch.nn.functional.one_hot(own, h * w).float().reshape(b * d, 1, h, w), 3, stride=1, padding=1
+    ).reshape(b, d, h * w)  # 1 within one cell of each filter's peak
+    same = category[:, None] == category[None, :]  # (D, D)
+    index = torch.arange(d, device=x.device)
+    earlier = (same & (index[None, :] < index[:, None])).float()  # [d, e]: e is ranked before d in d's category
+    crowd = torch.einsum("de,bej->bdj", earlier, near)  # (B, D, hw): earlier filters peaking near each cell
+    full = crowd >= quota * same.sum(dim=1).float()[None, :, None]
+    top = local.amax(dim=-1, keepdim=True)
+    # in [0, 1] where the map has mass, minus 2 where crowded; an empty cell (-3) is never a place to move to
+    score = torch.where(local > 0, local / torch.where(top > 0, top, torch.ones_like(top)) - 2.0 * full.float(), -3.0)
+    flat = score.argmax(dim=-1)
+    return flat // w, flat % w
+
+
+PEAKS = (*PEAK_RULES, "spread")
+
+
+def peak_cells(x: Tensor, peak: str, category: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Return the (row, col) cell of each map's peak, each (B, D) long.
 
     ``centroid`` is the released code's activation-weighted centroid, rounded half up; an all-zero map
@@ -97,6 +134,10 @@ def peak_cells(x: Tensor, peak: str) -> tuple[Tensor, Tensor]:
     multi-bump map rather than the mean of the bumps, and less jumpy than a single-cell argmax
     (:func:`local_mass_cells`).
     """
+    if peak == "spread":
+        if category is None:
+            raise ValueError("peak 'spread' needs the filters' categories")
+        return spread_cells(x, category)
     rule = PEAK_RULES.get(peak)
     if rule is None:
         raise ValueError(f"peak must be one of {PEAKS}, got {peak!r}")
@@ -129,7 +170,8 @@ def template_masks(rows: Tensor, cols: Tensor, beta: Tensor, h: int, w: int) -> 
 
 
 def masked_maps(x: Tensor, beta: Tensor, peak: str, active: bool,
-                anchor: tuple[Tensor, Tensor, int] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                anchor: tuple[Tensor, Tensor, int] | None = None,
+                category: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Return ``relu(x ∘ m)`` (or x itself when not ``active``), the masks m and the peak cells (rows, cols).
 
     The mask layer's whole forward as one function (the peak rule, the templates and the product), so that
@@ -145,10 +187,11 @@ def masked_maps(x: Tensor, beta: Tensor, peak: str, active: bool,
             ``relu(x ∘ m)``, so nothing downstream can read the landmarks (a forward template on them
             gives the label away: the creature's part layout is its class); its gradient, the returned
             masks and cells (which the filter loss reads) are the anchored template's.
+        category: the filters' categories (D,), for ``peak = "spread"`` (:func:`spread_cells`).
     """
     h, w = x.shape[-2:]
     with torch.no_grad():
-        rows, cols = peak_cells(x, peak)
+        rows, cols = peak_cells(x, peak, category)
         m = template_masks(rows, cols, beta.float(), h, w).to(x.dtype)  # (B, D, h, w)
     if anchor is None or not active:
         return (torch.relu(x * m) if active else x), m, rows, cols
@@ -223,8 +266,9 @@ class InterpretableMask(nn.Module):
     Args:
         num_filters: channels D of the masked post-ReLU maps.
         num_classes: categories C the filters are assigned to (1 for single-category tasks).
-        peak: ``"centroid"`` (released code, default), ``"argmax"`` (paper) or ``"local-mass"`` (the
-            largest 3×3 neighbourhood sum; :func:`local_mass_cells`).
+        peak: ``"centroid"`` (released code, default), ``"argmax"`` (paper), ``"local-mass"`` (the
+            largest 3×3 neighbourhood sum; :func:`local_mass_cells`) or ``"spread"`` (the local-mass peak
+            kept off the places a category's earlier filters crowd; :func:`spread_cells`).
         beta: ``"learned"`` (the code's per-filter update toward clip(3/σ̄, 1.5, 3), initialised to 2)
             or a fixed β in the paper's cell units (4 in the paper).
         active: ``False`` builds the baseline: the identical module that passes maps through unchanged
@@ -313,6 +357,11 @@ class InterpretableMask(nn.Module):
         """Each filter's category ĉ(f) = argmax_c of the running per-class mean peak, (D,) long."""
         return self.class_peak.argmax(dim=0)
 
+    @property
+    def _spread_category(self) -> Tensor | None:
+        """The filter categories the ``spread`` peak rule ranks filters in; None for the other rules."""
+        return self.category if self.peak == "spread" else None
+
     def grid_beta(self, n: int) -> Tensor:
         """β on the [-1, 1] grid for an n-cell map, (D,)."""
         if self.beta_mode == "learned":
@@ -322,7 +371,7 @@ class InterpretableMask(nn.Module):
     def masks_for(self, x: Tensor) -> Tensor:
         """Return the templates at each map's peak, (B, D, h, w), in x's dtype, without gradient."""
         with torch.no_grad():
-            rows, cols = peak_cells(x, self.peak)
+            rows, cols = peak_cells(x, self.peak, self._spread_category)
             m = template_masks(rows, cols, self.grid_beta(x.shape[-2]).float(), x.shape[-2], x.shape[-1])
         return m.to(x.dtype)
 
@@ -337,7 +386,8 @@ class InterpretableMask(nn.Module):
         tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
         fn = compiled(masked_maps) if self.compiled and not tracing else masked_maps
         anchor = self.anchor if self.training and self.active else None
-        out, m, rows, cols = fn(xr, self.grid_beta(x.shape[-2]), self.peak, self.active, anchor)
+        out, m, rows, cols = fn(xr, self.grid_beta(x.shape[-2]), self.peak, self.active, anchor,
+                                self._spread_category)
         if self.hooked:
             self._run_hook(xr, m, (rows, cols))
         return out if self.active else x
@@ -379,7 +429,8 @@ class InterpretableMask(nn.Module):
         """
         if self.beta_mode != "learned":
             return
-        rows, cols = cells if cells is not None else peak_cells(x.detach().float(), self.peak)
+        rows, cols = cells if cells is not None else peak_cells(x.detach().float(), self.peak,
+                                                                self._spread_category)
         beta_update(self.beta, self.beta_velocity, x, m, rows, cols, positive, lr=lr, momentum=momentum,
                     beta_lr=self.beta_lr, beta_grad=self.beta_grad)
 
