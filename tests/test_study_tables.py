@@ -1,5 +1,5 @@
 """The study scripts' summaries and tables (benchmarks/arm_seeds.py, benchmarks/parts_options.py,
-benchmarks/spread_placement.py) on made-up cells."""
+benchmarks/spread_placement.py, benchmarks/peak_ties.py) on made-up cells."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import arm_seeds  # noqa: E402
 import parts_options  # noqa: E402
+import peak_ties  # noqa: E402
 import spread_placement  # noqa: E402
 
 
@@ -61,3 +62,12 @@ def test_nearest_landmark_skips_invisible_ones() -> None:
     visible = torch.tensor([[True, True, False]])
     # (0, 0): landmark 0 at distance 1; (3, 3): landmark 2 (distance 0) is invisible, so landmark 1 (distance 2)
     assert spread_placement.nearest_landmark(rows, cols, lm_rows, lm_cols, visible).tolist() == [[0, 1]]
+
+
+def test_peak_statistics_counts_zero_maps_ties_and_rows() -> None:
+    x = torch.zeros(1, 3, 2, 2)
+    x[0, 1, 1, 0] = 2.0  # one peak, bottom row
+    x[0, 2, 0, 1] = x[0, 2, 1, 1] = 6.0  # a tie, read at its first cell (top row)
+    stats = peak_ties.peak_statistics(x)
+    assert int(stats["maps"]) == 3 and int(stats["zero"]) == 1 and int(stats["tied"]) == 1
+    assert stats["rows"].tolist() == [1, 1]
