@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from icnn_compress.method.mask import landmark_cells
 from icnn_compress.runs.open import open_run
 
 
@@ -45,10 +46,10 @@ def main() -> None:
         with torch.no_grad():
             for batch in torch.utils.data.DataLoader(dataset, batch_size=32):
                 model(batch["image"])
-                h = seen["x"].shape[-2]
+                h, w = seen["x"].shape[-2:]
                 for key, value in peak_statistics(seen["x"]).items():
                     total[key] = total.get(key, 0) + value
-                rows = (batch["landmarks"][..., 1] / recipe.data.image_size * h).clamp(0, h - 1).long()  # (B, K)
+                rows, _ = landmark_cells(batch["landmarks"], recipe.data.image_size, h, w)  # (B, K)
                 counts = torch.stack([torch.bincount(r[v], minlength=h)
                                       for r, v in zip(rows.T, batch["visible"].T)])  # (K, h)
                 landmark_rows = counts if landmark_rows is None else landmark_rows + counts

@@ -68,13 +68,18 @@ def local_mass_cells(x: Tensor) -> tuple[Tensor, Tensor]:
     Equal sums go to the cell with the larger own value (a lone spike is its own peak, not the first of
     the windows that contain it), then to the first cell in row-major order; an all-zero map gives the first cell.
     """
+    flat = _local_mass(x).argmax(dim=-1)
+    return flat // x.shape[-1], flat % x.shape[-1]
+
+
+def _local_mass(x: Tensor) -> Tensor:
+    """Each cell's 3×3 neighbourhood sum (zero padding) plus 1e-3 of its own value, (B, D, h·w) float; NaN → 0."""
     b, d, h, w = x.shape
     xf = x.float().reshape(b * d, 1, h, w)
     # Sums over the 3×3 window (avg_pool with the padding counted, times 9), plus a small share of the
     # centre cell that only decides between equal sums.
     local = 9.0 * torch.nn.functional.avg_pool2d(xf, 3, stride=1, padding=1, count_include_pad=True) + 1e-3 * xf
-    flat = torch.nan_to_num(local, nan=0.0).reshape(b, d, h * w).argmax(dim=-1)
-    return flat // w, flat % w
+    return torch.nan_to_num(local, nan=0.0).reshape(b, d, h * w)
 
 
 # Peak rules µ̂ by the name ``icnn.peak`` gives them: each maps (B, D, h, w) maps to their (row, col) cells,
@@ -102,9 +107,7 @@ def spread_cells(x: Tensor, category: Tensor, quota: float = SPREAD_QUOTA) -> tu
     (through the template and the filter loss) on their next part.
     """
     b, d, h, w = x.shape
-    xf = torch.nan_to_num(x.float(), nan=0.0).reshape(b * d, 1, h, w)
-    local = (9.0 * torch.nn.functional.avg_pool2d(xf, 3, stride=1, padding=1, count_include_pad=True)
-             + 1e-3 * xf).reshape(b, d, h * w)
+    local = _local_mass(x)
     own = local.argmax(dim=-1)  # (B, D): local_mass_cells' peak
     near = torch.nn.functional.max_pool2d(
         torch.nn.functional.one_hot(own, h * w).float().reshape(b * d, 1, h, w), 3, stride=1, padding=1
